@@ -1,0 +1,17 @@
+// Every op schema of mtvision, in one place. Kernels register per device in csrc/<op>/; the Python
+// side (mtvision/ops) adds fake (meta) kernels and autograd.
+#include <torch/library.h>
+
+TORCH_LIBRARY(mtvision, m) {
+  // Fused segmentation CE + depth L1 + normal (1 - cos) losses: (losses [3] float32, valid counts
+  // [3] int64, per-pixel log-sum-exp of the logits [B,H,W]); see csrc/fused_loss/fused_loss.h.
+  m.def(
+      "fused_dense_loss_forward(Tensor? seg_logits, Tensor? seg_target, Tensor? depth_pred, "
+      "Tensor? depth_target, Tensor? normal_pred, Tensor? normal_target, int ignore_index) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Gradients of sum_t grad_losses[t] * losses[t] w.r.t. the three predictions (empty if absent).
+  m.def(
+      "fused_dense_loss_backward(Tensor grad_losses, Tensor counts, Tensor seg_lse, "
+      "Tensor? seg_logits, Tensor? seg_target, Tensor? depth_pred, Tensor? depth_target, "
+      "Tensor? normal_pred, Tensor? normal_target, int ignore_index) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,36 @@
+"""Batching of sample dicts (DESIGN §3)."""
+
+from __future__ import annotations
+
+import torch
+
+#: Dense keys stacked into one tensor per batch; everything else is kept as a per-sample list.
+DENSE_KEYS = ("image", "seg", "depth", "normal")
+
+
+def collate_samples(batch: list[dict]) -> dict:
+    """Collate sample dicts into a batch dict.
+
+    ``image [B,3,H,W]``, ``seg [B,H,W]``, ``depth [B,1,H,W]``, ``normal [B,3,H,W]`` are stacked (only the
+    keys present in the samples); ``boxes``, ``labels``, ``meta`` and any other key become lists of
+    length B (boxes differ in number per image). Every sample must have the same keys.
+    """
+    if not batch:
+        raise ValueError("collate_samples: empty batch")
+    keys = list(batch[0].keys())
+    for i, sample in enumerate(batch):
+        if set(sample.keys()) != set(keys):
+            raise ValueError(f"collate_samples: sample {i} has keys {sorted(sample)}, "
+                             f"expected {sorted(keys)} as sample 0")
+    out: dict = {}
+    for key in keys:
+        values = [sample[key] for sample in batch]
+        if key in DENSE_KEYS:
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) != 1:
+                raise ValueError(f"collate_samples: '{key}' shapes differ within the batch: "
+                                 f"{sorted(shapes)}")
+            out[key] = torch.stack(values, dim=0)
+        else:
+            out[key] = values
+    return out

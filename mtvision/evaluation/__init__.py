@@ -1,0 +1,20 @@
+"""Whole-set evaluation metrics (segmentation, depth, normals) and the multi-task Δm.
+
+Every metric has ``update(...)``, ``compute() -> dict`` and ``reset()``; its state is additive tensors
+that ``compute()`` sums across processes when torch.distributed is initialised, so results depend
+neither on the batch size nor on the number of processes.
+"""
+
+from .delta import HIGHER_IS_BETTER, delta_m, relative_changes
+from .depth import DepthMetric
+from .normals import NormalMetric
+from .segmentation import SegmentationMetric
+
+__all__ = [
+    "SegmentationMetric",
+    "DepthMetric",
+    "NormalMetric",
+    "delta_m",
+    "relative_changes",
+    "HIGHER_IS_BETTER",
+]

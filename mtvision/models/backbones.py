@@ -1,0 +1,293 @@
+"""timm backbones that return a list of feature maps with known channels and strides.
+
+Two kinds, built by :func:`build_backbone`:
+
+- :class:`TimmCNNBackbone` — any timm model that supports ``features_only=True`` (ResNet, ConvNeXt,
+  EfficientNet, RegNet, Swin, ...). Levels come from timm's ``feature_info``; by default the levels
+  with stride >= 4 (strides 4, 8, 16, 32 for the usual families). Any input size works; sizes divisible
+  by 32 give exact strides.
+- :class:`ViTBackbone` — a plain timm ``VisionTransformer`` (``vit_*``, ``deit_*``) turned into a
+  4-level pyramid the ViTDet way (Li et al. 2022, "simple feature pyramid"): the patch tokens of one
+  block (default: the last) form a stride-``P`` map (``P`` = patch size, 16 for ``*_patch16_*``), and
+  stride ``P/4`` comes from two 2x transposed convs, ``P/2`` from one, ``P`` is the map itself, ``2P``
+  is a 2x2 max-pool. The model is built with ``dynamic_img_size=True`` (position embeddings are
+  interpolated per input), so **any input whose height and width are multiples of the patch size**
+  works; other sizes raise ``ValueError``.
+
+Pretrained weights are read from a local file only (``.pth``/``.pt``/``.bin`` through
+``torch.load(weights_only=True)``, or ``.safetensors``) holding a timm-format state dict of the same
+architecture (e.g. ``timm.create_model(name).state_dict()``). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from timm.models import VisionTransformer
+from torch import Tensor, nn
+
+__all__ = ["BackboneError", "TimmCNNBackbone", "ViTBackbone", "build_backbone", "is_vit_name"]
+
+# timm modules whose models are plain VisionTransformers (forward_intermediates + dynamic_img_size).
+_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+
+
+class BackboneError(ValueError):
+    """Invalid backbone argument; ``key`` names the argument (``name``, ``pretrained``, ...)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pretrained weights from a local file
+
+
+def _read_state_dict(path: str) -> dict[str, Tensor]:
+    """Tensors of a local checkpoint (weights_only / safetensors); ``state_dict``/``model`` wrappers and
+    DDP ``module.`` prefixes are removed (timm's ``load_state_dict``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights file not found: {path!r}")
+    try:
+        # timm's loader: torch.load(weights_only=True) or safetensors by extension, unwraps
+        # {'state_dict'|'model'|'state_dict_ema': ...} and strips 'module.' prefixes.
+        sd = timm.models.load_state_dict(path, use_ema=False, device="cpu", weights_only=True)
+    except Exception as e:  # unpickling / safetensors header errors: say which file
+        raise BackboneError("pretrained", f"cannot read pretrained weights file {path!r}: {e}") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise BackboneError("pretrained", f"pretrained weights file {path!r} does not hold a state dict of tensors")
+    return sd
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    cls = cfg.get("classifier")
+    if cls is None:
+        return ()
+    names = (cls,) if isinstance(cls, str) else tuple(cls)
+    return tuple(n + "." for n in names)
+
+
+def _short(keys: Sequence[str], n: int = 8) -> str:
+    keys = sorted(keys)
+    more = f", ... ({len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _load_into(model: nn.Module, path: str, name: str) -> None:
+    """Load ``path`` into a full (unwrapped) timm ``model``; every non-classifier weight must be present
+    and every key in the file must belong to the model (the classifier head is ignored either way)."""
+    sd = _read_state_dict(path)
+    ignore = _classifier_prefixes(model)
+    sd = {k: v for k, v in sd.items() if not k.startswith(ignore)}
+    own = {k for k in model.state_dict() if not k.startswith(ignore)}
+    missing = sorted(own - sd.keys())
+    unexpected = sorted(sd.keys() - own)
+    if missing or unexpected:
+        msg = [f"pretrained weights file {path!r} does not match timm model {name!r}"]
+        if missing:
+            msg.append(f"missing keys: {_short(missing)}")
+        if unexpected:
+            msg.append(f"unexpected keys: {_short(unexpected)}")
+        msg.append("expected a timm-format state dict of the same architecture, e.g. timm.create_model(name).state_dict()")
+        raise BackboneError("pretrained", "; ".join(msg))
+    try:
+        model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise BackboneError("pretrained", f"pretrained weights file {path!r} does not fit timm model {name!r}: {e}") from e
+
+
+# Overlay that makes timm load a given state dict and nothing else: no hub id, url, file or custom
+# loader is left for it to try, so no code path can reach the network.
+def _state_dict_overlay(sd: dict[str, Tensor]) -> dict[str, Any]:
+    return dict(state_dict=sd, source=None, hf_hub_id=None, hf_hub_filename=None, url=None, file=None, custom_load=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backbones
+
+
+class TimmCNNBackbone(nn.Module):
+    """A timm ``features_only`` model. ``forward(x [B,3,H,W]) -> list of [B, out_channels[i], H/strides[i],
+    W/strides[i]]`` (NCHW, rounded up for sizes not divisible by the stride).
+
+    Attributes: ``out_channels: list[int]``, ``strides: list[int]`` (from timm's ``feature_info``).
+    """
+
+    def __init__(self, name: str, pretrained: Optional[str] = None, out_indices: Optional[Sequence[int]] = None,
+                 timm_kwargs: Optional[dict[str, Any]] = None):
+        super().__init__()
+        kw = dict(timm_kwargs or {})
+        if out_indices is not None:
+            kw["out_indices"] = tuple(int(i) for i in out_indices)
+        try:
+            if pretrained is None:
+                body = timm.create_model(name, pretrained=False, features_only=True, **kw)
+            else:
+                # Check and load the file into the full model (strict apart from the classifier), then
+                # let timm build the features model from those exact tensors.
+                full_kw = {k: v for k, v in kw.items() if k != "out_indices"}
+                full = timm.create_model(name, pretrained=False, **full_kw)
+                _load_into(full, pretrained, name)
+                body = timm.create_model(name, pretrained=True, features_only=True,
+                                         pretrained_cfg_overlay=_state_dict_overlay(full.state_dict()), **kw)
+                del full
+        except (RuntimeError, AssertionError, IndexError) as e:
+            # timm raises these for models without feature extraction and for bad feature indices.
+            raise BackboneError("out_indices" if out_indices is not None else "name",
+                                f"cannot build timm model {name!r} as a feature extractor (features_only): {e}") from e
+        self.name = name
+        self.body = body
+        channels = list(body.feature_info.channels())
+        reductions = list(body.feature_info.reduction())
+        if out_indices is None:
+            # timm's default includes the stride-2 stem level for most CNNs; dense heads start at 4.
+            keep = [i for i, r in enumerate(reductions) if r >= 4] or list(range(len(reductions)))
+        else:
+            keep = list(range(len(reductions)))
+        self._keep = keep
+        self.out_channels: list[int] = [int(channels[i]) for i in keep]
+        self.strides: list[int] = [int(reductions[i]) for i in keep]
+        fmt = getattr(body, "output_fmt", "NCHW")
+        self._nhwc = str(getattr(fmt, "value", fmt)).upper() == "NHWC"
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        feats = self.body(x)
+        feats = [feats[i] for i in self._keep]
+        if self._nhwc:
+            feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
+        return feats
+
+
+class ViTBackbone(nn.Module):
+    """A timm VisionTransformer with a ViTDet simple feature pyramid.
+
+    ``forward(x [B,3,H,W]) -> 4 maps [B, out_channels[i], H/strides[i], W/strides[i]]`` with strides
+    ``[P/4, P/2, P, 2P]`` (``[4, 8, 16, 32]`` for patch 16) and channels ``[D/4, D/2, D, D]`` (``D`` = embed dim).
+    H and W must be multiples of the patch size ``P`` (``ValueError`` otherwise).
+
+    ``block_indices``: transformer blocks whose patch tokens feed the pyramid: one index (default the
+    last block, -1) feeds all four levels (ViTDet); four indices, shallow to deep, feed one level each.
+    Blocks after the deepest one used, the final norm and the classifier are removed.
+    """
+
+    def __init__(self, name: str, pretrained: Optional[str] = None, block_indices: Optional[Sequence[int]] = None,
+                 timm_kwargs: Optional[dict[str, Any]] = None):
+        super().__init__()
+        kw = dict(timm_kwargs or {})
+        kw.setdefault("dynamic_img_size", True)
+        try:
+            vit = timm.create_model(name, pretrained=False, **kw)
+        except TypeError as e:
+            raise BackboneError("timm_kwargs", f"timm model {name!r} rejected its arguments: {e}") from e
+        if not isinstance(vit, VisionTransformer):
+            raise BackboneError("name", f"timm model {name!r} is a {type(vit).__name__}, not a VisionTransformer")
+        if pretrained is not None:
+            _load_into(vit, pretrained, name)
+
+        depth = len(vit.blocks)
+        idx = [-1] if block_indices is None else [int(i) for i in block_indices]
+        if len(idx) not in (1, 4):
+            raise BackboneError("out_indices", f"ViT backbone takes 1 or 4 block indices, got {len(idx)}: {idx}")
+        for i in idx:
+            if not -depth <= i < depth:
+                raise BackboneError("out_indices", f"block index {i} out of range for {name!r} ({depth} blocks)")
+        idx = [i % depth for i in idx]
+        if len(idx) == 4 and idx != sorted(idx):
+            raise BackboneError("out_indices", f"ViT block indices must go from shallow to deep, got {idx}")
+        self._take = sorted(set(idx))
+        self._level_src = [self._take.index(i) for i in (idx * 4 if len(idx) == 1 else idx)]
+        vit.prune_intermediate_layers(self._take, prune_norm=True, prune_head=True)
+
+        patch = vit.patch_embed.patch_size
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        if patch[0] != patch[1] or patch[0] % 4:
+            raise BackboneError("name", f"ViT backbone needs a square patch size divisible by 4, {name!r} has {patch}")
+        p = patch[0]
+        d = vit.embed_dim
+        if d % 4:
+            raise BackboneError("name", f"ViT embed dim must be divisible by 4, {name!r} has {d}")
+        self.name = name
+        self.vit = vit
+        self.patch_size = p
+        # ViTDet simple feature pyramid (without the per-level 1x1/3x3 convs: the FPN neck does those).
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(d, d // 2, 2, stride=2), LayerNorm2d(d // 2), nn.GELU(),
+            nn.ConvTranspose2d(d // 2, d // 4, 2, stride=2),
+        )
+        self.up2 = nn.ConvTranspose2d(d, d // 2, 2, stride=2)
+        self.down2 = nn.MaxPool2d(2, 2)
+        self.out_channels: list[int] = [d // 4, d // 2, d, d]
+        self.strides: list[int] = [p // 4, p // 2, p, 2 * p]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"ViT backbone {self.name!r} needs input height and width divisible by the patch size "
+                             f"{p}, got {h}x{w}")
+        maps = self.vit.forward_intermediates(x, indices=self._take, norm=False, output_fmt="NCHW",
+                                              intermediates_only=True)
+        s = self._level_src
+        return [self.up4(maps[s[0]]), self.up2(maps[s[1]]), maps[s[2]], self.down2(maps[s[3]])]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def is_vit_name(name: str) -> bool:
+    """Whether timm model ``name`` is a plain VisionTransformer (built as :class:`ViTBackbone`)."""
+    arch = timm.models.get_arch_name(name)
+    if arch.startswith("vit_"):
+        return True
+    try:
+        return timm.models.model_entrypoint(name).__module__ in _VIT_MODULES
+    except RuntimeError:
+        return False
+
+
+def build_backbone(name: str, pretrained: Optional[str] = None, out_indices: Optional[Sequence[int]] = None,
+                   timm_kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
+    """A backbone from a timm model name; the result has ``out_channels`` and ``strides`` lists and
+    returns a list of NCHW maps.
+
+    - ``pretrained``: ``None`` (random init) or a local weights file (timm-format state dict, ``.pth``
+      or ``.safetensors``); a missing file raises ``FileNotFoundError``, a mismatching one
+      :class:`BackboneError` naming the file and the missing/unexpected keys. Never downloads.
+    - ``out_indices``: CNNs: timm feature indices (default: every level with stride >= 4); ViTs: block
+      indices (1 or 4, default the last block).
+    - ``timm_kwargs``: extra arguments for ``timm.create_model`` (e.g. ``drop_path_rate``).
+    """
+    if not isinstance(name, str) or not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=3) if isinstance(name, str) else []
+        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+        raise BackboneError("name", f"unknown timm model {name!r}{hint}")
+    if pretrained is not None:
+        if not isinstance(pretrained, (str, os.PathLike)):
+            raise BackboneError("pretrained", f"expected null or a file path, got {pretrained!r}")
+        pretrained = os.fspath(pretrained)
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"pretrained weights file not found: {pretrained!r}")
+    if out_indices is not None:
+        if isinstance(out_indices, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in out_indices):
+            raise BackboneError("out_indices", f"expected null or a list of ints, got {out_indices!r}")
+    if timm_kwargs is not None and not isinstance(timm_kwargs, dict):
+        raise BackboneError("timm_kwargs", f"expected a mapping, got {timm_kwargs!r}")
+    for reserved in ("pretrained", "features_only", "out_indices", "pretrained_cfg_overlay", "checkpoint_path"):
+        if timm_kwargs and reserved in timm_kwargs:
+            raise BackboneError("timm_kwargs", f"{reserved!r} is set by mtvision, not through timm_kwargs")
+    if is_vit_name(name):
+        return ViTBackbone(name, pretrained=pretrained, block_indices=out_indices, timm_kwargs=timm_kwargs)
+    try:
+        return TimmCNNBackbone(name, pretrained=pretrained, out_indices=out_indices, timm_kwargs=timm_kwargs)
+    except TypeError as e:
+        raise BackboneError("timm_kwargs", f"timm model {name!r} rejected its arguments: {e}") from e

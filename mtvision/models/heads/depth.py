@@ -1,0 +1,50 @@
+"""Metric depth head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .common import DenseHead
+
+__all__ = ["DepthHead"]
+
+
+class DepthHead(DenseHead):
+    """Metric z-depth: ``forward(features, image_size=(H, W)) -> [B, 1, H, W]`` in metres, strictly positive.
+
+    The decoder's raw map ``x`` is upsampled bilinearly to the image size, then mapped to depth:
+
+    - ``max_depth=None``: ``depth = min_depth + softplus(x)`` (unbounded above);
+    - ``max_depth`` given: ``depth = min_depth + (max_depth - min_depth) * sigmoid(x)``, in
+      ``(min_depth, max_depth)``.
+
+    ``min_depth`` (default 1e-3 m) keeps the output > 0 even where softplus/sigmoid underflow.
+
+    Args:
+        in_channels: channels of each neck level (an int for all levels).
+        strides: stride of each level, finest first.
+        channels: decoder width.
+        min_depth: lower bound in metres (> 0).
+        max_depth: optional upper bound in metres (> min_depth).
+    """
+
+    def __init__(self, in_channels: Union[int, Sequence[int]], strides: Sequence[int], channels: int = 128,
+                 min_depth: float = 1e-3, max_depth: Optional[float] = None):
+        if not isinstance(min_depth, (int, float)) or isinstance(min_depth, bool) or not min_depth > 0:
+            raise ValueError(f"min_depth must be a positive number (metres), got {min_depth!r}")
+        if max_depth is not None and (not isinstance(max_depth, (int, float)) or isinstance(max_depth, bool)
+                                      or not max_depth > min_depth):
+            raise ValueError(f"max_depth must be null or a number > min_depth ({min_depth}), got {max_depth!r}")
+        super().__init__(in_channels, strides, 1, channels=channels)
+        self.min_depth = float(min_depth)
+        self.max_depth = None if max_depth is None else float(max_depth)
+
+    def activate(self, x: Tensor) -> Tensor:
+        if self.max_depth is None:
+            return self.min_depth + F.softplus(x)
+        return self.min_depth + (self.max_depth - self.min_depth) * torch.sigmoid(x)

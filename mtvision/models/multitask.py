@@ -1,0 +1,188 @@
+"""MultiTaskModel (backbone -> neck -> dict of heads) and ``build_model`` from the config's ``model`` section."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Optional
+
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from .backbones import BackboneError, build_backbone
+from .heads import DepthHead, NormalHead, SegmentationHead
+from .necks import FPNNeck
+
+__all__ = ["MultiTaskModel", "build_model", "HEADS", "NECKS"]
+
+# Config name -> class. Heads are built as cls(in_channels=neck.out_channels, strides=neck.strides, **kwargs);
+# necks as cls(in_channels=backbone.out_channels, strides=backbone.strides, **kwargs).
+HEADS: dict[str, type[nn.Module]] = {
+    "segmentation": SegmentationHead,
+    "depth": DepthHead,
+    "normals": NormalHead,
+}
+NECKS: dict[str, type[nn.Module]] = {
+    "fpn": FPNNeck,
+}
+# Keys of model.backbone; anything else is an error naming the key.
+BACKBONE_KEYS = ("name", "pretrained", "out_indices", "timm_kwargs")
+
+
+class MultiTaskModel(nn.Module):
+    """One backbone and neck shared by several task heads.
+
+    ``forward(images [B,3,H,W]) -> {task: map at [H, W]}``; with the built-in heads: ``"seg"`` logits
+    ``[B,C,H,W]``, ``"depth"`` ``[B,1,H,W]`` positive metres, ``"normal"`` ``[B,3,H,W]`` raw vectors (the
+    keys are the task names the heads were given). A single head is the single-task baseline.
+
+    Args:
+        backbone: module returning a list of maps, with ``out_channels`` and ``strides``.
+        neck: module mapping that list to the list the heads take (``None``: the backbone maps as they are).
+        heads: task name -> module called as ``head(features, image_size)``.
+    """
+
+    def __init__(self, backbone: nn.Module, neck: Optional[nn.Module], heads: Mapping[str, nn.Module]):
+        super().__init__()
+        if not heads:
+            raise ValueError("MultiTaskModel needs at least one head")
+        self.backbone = backbone
+        self.neck = neck if neck is not None else nn.Identity()
+        self.heads = nn.ModuleDict(dict(heads))
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names, in head order."""
+        return list(self.heads.keys())
+
+    def forward_features(self, images: Tensor) -> list[Tensor]:
+        """``images [B,3,H,W]`` -> the neck levels (list of ``[B, C, H/s, W/s]``, finest first)."""
+        if images.dim() != 4:
+            raise ValueError(f"images must be [B,3,H,W], got shape {tuple(images.shape)}")
+        return list(self.neck(self.backbone(images)))
+
+    def forward_heads(self, features: Sequence[Tensor], image_size: Sequence[int]) -> dict[str, Tensor]:
+        """Every head on the same ``features``; each map is returned at ``image_size = (H, W)``."""
+        return {task: head(features, image_size) for task, head in self.heads.items()}
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.forward_heads(self.forward_features(images), images.shape[-2:])
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters every task depends on (backbone, then neck)."""
+        yield from self.backbone.parameters()
+        yield from self.neck.parameters()
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """Parameters only ``task`` depends on (its head)."""
+        if task not in self.heads:
+            raise KeyError(f"unknown task {task!r} (model tasks: {', '.join(self.heads)})")
+        return self.heads[task].parameters()
+
+
+# ---------------------------------------------------------------------------------------------------
+# build_model
+
+
+def _as_dict(section: Any, key: str) -> dict:
+    if section is None:
+        return {}
+    if dataclasses.is_dataclass(section) and not isinstance(section, type):
+        return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{key}: expected a mapping, got {type(section).__name__} {section!r}")
+    return dict(section)
+
+
+def _check_kwargs(cls: type, kwargs: dict, injected: Sequence[str], key: str, what: str) -> None:
+    """Unknown, injected and missing constructor arguments of ``cls`` -> ConfigError naming ``key.arg``."""
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [p for p in params if p != "self" and params[p].kind in (params[p].POSITIONAL_OR_KEYWORD, params[p].KEYWORD_ONLY)]
+    settable = [p for p in accepted if p not in injected]
+    for k in kwargs:
+        if k in injected:
+            raise ConfigError(f"{key}.{k}: set automatically for {what} (from the backbone/neck); remove it")
+        if k not in accepted:
+            raise ConfigError(f"{key}.{k}: unexpected argument for {what} (accepted: {', '.join(settable) or 'none'})")
+    for p in settable:
+        if params[p].default is inspect.Parameter.empty and p not in kwargs:
+            raise ConfigError(f"{key}.{p}: required by {what}")
+
+
+def _pick(registry: dict[str, type], cfg: dict, key: str, kind: str) -> tuple[type, str]:
+    """(class, "kind 'name'") for ``cfg["name"]``, popped from ``cfg``."""
+    name = cfg.pop("name", None)
+    if name is None:
+        raise ConfigError(f"{key}.name: required (choose from: {', '.join(registry)})")
+    if not isinstance(name, str) or name not in registry:
+        raise ConfigError(f"{key}.name: unknown {kind} {name!r} (choose from: {', '.join(registry)})")
+    return registry[name], f"{kind} {name!r}"
+
+
+def _construct(cls: type, args: dict, kwargs: dict, key: str, what: str) -> nn.Module:
+    try:
+        return cls(**args, **kwargs)
+    except (TypeError, ValueError) as e:
+        # Constructors start their messages with the argument's name ("num_classes must be ...").
+        arg = str(e).split(" ", 1)[0]
+        where = f"{key}.{arg}" if arg in kwargs else key
+        raise ConfigError(f"{where}: invalid value for {what}: {e}") from e
+
+
+def build_model(cfg: Any) -> MultiTaskModel:
+    """A :class:`MultiTaskModel` from the config's ``model`` section (a dict or ``ModelConfig``)::
+
+        backbone: {name: resnet18, pretrained: null | /path/weights.pth|.safetensors, out_indices: null,
+                   timm_kwargs: {}}
+        neck:     {name: fpn, out_channels: 128}              # null/absent: fpn with defaults
+        heads:    {seg: {name: segmentation, num_classes: 6}, depth: {name: depth}, normal: {name: normals}}
+
+    Heads get ``in_channels``/``strides`` from the neck, the neck from the backbone. Errors are
+    :class:`mtvision.config.ConfigError` naming the key (``model.heads.seg.name: unknown head ...``); a
+    missing pretrained file raises ``FileNotFoundError`` naming ``model.backbone.pretrained`` and the path.
+    """
+    cfg = _as_dict(cfg, "model")
+    for k in cfg:
+        if k not in ("backbone", "neck", "heads"):
+            raise ConfigError(f"model.{k}: unknown key (expected: backbone, neck, heads)")
+
+    # backbone
+    bcfg = _as_dict(cfg.get("backbone"), "model.backbone")
+    if "name" not in bcfg:
+        raise ConfigError("model.backbone.name: required (a timm model name, e.g. resnet18)")
+    for k in bcfg:
+        if k not in BACKBONE_KEYS:
+            raise ConfigError(f"model.backbone.{k}: unexpected key (allowed: {', '.join(BACKBONE_KEYS)}; "
+                              "other timm.create_model arguments go in timm_kwargs)")
+    try:
+        backbone = build_backbone(bcfg["name"], pretrained=bcfg.get("pretrained"), out_indices=bcfg.get("out_indices"),
+                                  timm_kwargs=bcfg.get("timm_kwargs"))
+    except BackboneError as e:
+        raise ConfigError(f"model.backbone.{e.key}: {e}") from e
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"model.backbone.pretrained: {e}") from e
+
+    # neck
+    ncfg = cfg.get("neck")
+    ncfg = {"name": "fpn"} if ncfg is None else _as_dict(ncfg, "model.neck")
+    neck_cls, what = _pick(NECKS, ncfg, "model.neck", "neck")
+    injected = ("in_channels", "strides")
+    _check_kwargs(neck_cls, ncfg, injected, "model.neck", what)
+    neck = _construct(neck_cls, dict(in_channels=backbone.out_channels, strides=backbone.strides), ncfg,
+                      "model.neck", what)
+
+    # heads
+    hcfg = _as_dict(cfg.get("heads"), "model.heads")
+    if not hcfg:
+        raise ConfigError("model.heads: at least one head is required")
+    heads = {}
+    for task, spec in hcfg.items():
+        key = f"model.heads.{task}"
+        if not isinstance(task, str) or not task or "." in task:
+            raise ConfigError(f"{key}: task names must be non-empty strings without '.'")
+        spec = _as_dict(spec, key)
+        head_cls, what = _pick(HEADS, spec, key, "head")
+        _check_kwargs(head_cls, spec, injected, key, what)
+        heads[task] = _construct(head_cls, dict(in_channels=neck.out_channels, strides=neck.strides), spec, key, what)
+    return MultiTaskModel(backbone, neck, heads)

@@ -1,0 +1,16 @@
+"""Custom ops of mtvision (C++/CUDA kernels in csrc/, registered as torch.ops.mtvision.*).
+
+`mtvision.ops.reference` holds a pure-PyTorch twin of every op, the ground truth of the tests.
+"""
+
+import torch  # noqa: F401  (must be imported before the extension)
+
+from mtvision.ops import _library  # noqa: F401  loads mtvision._C and registers fake/autograd
+from mtvision.ops.fused_loss import fused_dense_loss
+
+__all__ = ["fused_dense_loss", "cuda_kernels_available"]
+
+
+def cuda_kernels_available() -> bool:
+    """True when mtvision._C was built with its CUDA kernels."""
+    return _library.has_cuda_kernels()

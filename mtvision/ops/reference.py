@@ -1,0 +1,35 @@
+"""Pure-PyTorch twins of the custom ops: the ground truth the kernels are tested against, and the
+eager baselines the benchmark measures. Same signatures as mtvision.ops."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def fused_dense_loss(seg_logits: Tensor | None, seg_target: Tensor | None,
+                     depth_pred: Tensor | None, depth_target: Tensor | None,
+                     normal_pred: Tensor | None, normal_target: Tensor | None,
+                     ignore_index: int = 255) -> Tensor:
+    """The three losses as separate eager passes, as MTAN/LibMTL/Nash-MTL compute them (with the
+    empty-mask case made 0 instead of NaN). Returns float32 [3] (float64 for float64 inputs)."""
+    preds = [p for p in (seg_logits, depth_pred, normal_pred) if p is not None]
+    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in preds) else torch.float32
+    zero = preds[0].new_zeros((), dtype=out_dtype)
+    losses = [zero, zero, zero]
+    if seg_logits is not None:
+        valid = seg_target != ignore_index
+        ce = F.cross_entropy(seg_logits.to(out_dtype), seg_target, ignore_index=ignore_index,
+                             reduction="sum")
+        losses[0] = ce / valid.sum().clamp_min(1)
+    if depth_pred is not None:
+        valid = depth_target > 0
+        err = (depth_pred.to(out_dtype) - depth_target.to(out_dtype)).abs()
+        losses[1] = (err * valid).sum() / valid.sum().clamp_min(1)
+    if normal_pred is not None:
+        target = normal_target.to(out_dtype)
+        valid = (target * target).sum(1) > 0
+        cos = (F.normalize(normal_pred.to(out_dtype), dim=1, eps=1e-12) * target).sum(1)
+        losses[2] = ((1 - cos) * valid).sum() / valid.sum().clamp_min(1)
+    return torch.stack(losses)
