@@ -7,9 +7,6 @@ architectures, e.g. "9.0"; default: the GPU present, else "8.0;9.0").
 
 import glob
 import os
-import re
-import shutil
-import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -17,34 +14,8 @@ from setuptools import find_packages, setup
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def find_cuda_home():
-    """The CUDA toolkit root: $CUDA_HOME, else the TOP that `nvcc --dryrun` reports, else None."""
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    try:
-        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True, text=True, timeout=60)
-        text = out.stdout + out.stderr
-        match = re.search(r"^#\$ TOP=(.+)$", text, re.MULTILINE)
-        if match:
-            return os.path.normpath(match.group(1).strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-
-
-def nvcc_major(cuda_home):
-    try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
-                             capture_output=True, text=True, timeout=60).stdout
-    except OSError:
-        return None
-    match = re.search(r"release (\d+)\.", out)
-    return int(match.group(1)) if match else None
+sys.path.insert(0, ROOT)
+from mtvision._toolkit import find_cuda_home, nvcc_major_version  # noqa: E402
 
 
 def want_cuda():
@@ -58,7 +29,7 @@ def want_cuda():
         return False, None, "no CUDA toolkit found (no nvcc; set CUDA_HOME)"
     if torch.version.cuda is None:
         return False, None, f"torch {torch.__version__} is a CPU-only build"
-    major = nvcc_major(cuda_home)
+    major = nvcc_major_version(cuda_home)
     torch_major = int(torch.version.cuda.split(".")[0])
     if major != torch_major:
         msg = (f"the CUDA toolkit at {cuda_home} is CUDA {major} but torch was built with CUDA "

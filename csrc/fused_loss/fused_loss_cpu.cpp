@@ -91,16 +91,36 @@ struct BlockLogits {
   T at(int64_t c, int64_t p) const { return base[c * sc + (UNIT ? p : p * sp)]; }
 };
 
+// Copies one block's logits into xs ([C, kBlock], acc_t) while taking each pixel's max, then sums
+// exp(x - max) from the copy. The copy matters: the channel rows of an NCHW block sit H*W elements
+// apart, which maps them all to the same cache sets, so a second pass over the tensor would miss.
 template <typename T, bool UNIT, typename acc_t>
-MTV_SIMD_CLONES void block_log_sum_exp(const BlockLogits<T, UNIT>& x, int64_t C, int64_t n, acc_t* lse) {
+MTV_SIMD_CLONES void block_log_sum_exp(const BlockLogits<T, UNIT>& x, int64_t C, int64_t n,
+                                       acc_t* __restrict xs, acc_t* __restrict lse) {
   acc_t mx[kBlock], sum[kBlock];
   for (int64_t p = 0; p < n; ++p) mx[p] = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t p = 0; p < n; ++p) mx[p] = std::max(mx[p], static_cast<acc_t>(x.at(c, p)));
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t* __restrict xc = xs + c * kBlock;
+    for (int64_t p = 0; p < n; ++p) {
+      const acc_t v = static_cast<acc_t>(x.at(c, p));
+      xc[p] = v;
+      mx[p] = std::max(mx[p], v);
+    }
+  }
   for (int64_t p = 0; p < n; ++p) sum[p] = 0;
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t p = 0; p < n; ++p) sum[p] += exp_approx(static_cast<acc_t>(x.at(c, p)) - mx[p]);
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t* xc = xs + c * kBlock;
+    for (int64_t p = 0; p < n; ++p) sum[p] += exp_approx(xc[p] - mx[p]);
+  }
   for (int64_t p = 0; p < n; ++p) lse[p] = mx[p] + std::log(sum[p]);
+}
+
+// Per-thread scratch of at least `size` elements, reused across blocks and calls.
+template <typename acc_t>
+acc_t* scratch(int64_t size) {
+  thread_local std::vector<acc_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(static_cast<size_t>(size));
+  return buffer.data();
 }
 
 // Cross-entropy with ignore_index: sums lse - x[label] over valid pixels, stores lse per pixel.
@@ -112,45 +132,48 @@ void seg_forward(const FusedLossInputs& in, int64_t ignore_index, at::Tensor& ls
   const int64_t* y = in.seg_target.data_ptr<int64_t>();
   acc_t* lse_all = lse_out.data_ptr<acc_t>();
   const int64_t C = v.C;
+  std::vector<int64_t> bad_label(out.sum.size(), ignore_index);  // per block: an invalid label seen
   for_each_block(v.B, v.P, [&](int64_t b, int64_t p0, int64_t p1, int64_t blk) {
     const int64_t n = p1 - p0;
     const BlockLogits<T, UNIT> xb{x + b * v.sb + p0 * v.sp, v.sc, v.sp};
     acc_t* lse = lse_all + b * v.P + p0;
-    block_log_sum_exp(xb, C, n, lse);
+    acc_t* xs = scratch<acc_t>(C * kBlock);
+    block_log_sum_exp(xb, C, n, xs, lse);
     const int64_t* yb = y + b * vt.sb + p0 * vt.sp;
     double block_sum = 0.0;
     int64_t block_count = 0;
     for (int64_t p = 0; p < n; ++p) {
       const int64_t label = yb[p * vt.sp];
       if (label == ignore_index) continue;
-      TORCH_CHECK(label >= 0 && label < C, "fused_dense_loss: seg_target holds label ", label,
-                  " outside [0, ", C, ") and not ignore_index (", ignore_index, ")");
-      block_sum += static_cast<double>(lse[p] - static_cast<acc_t>(xb.at(label, p)));
+      if (label < 0 || label >= C) {  // reported after the parallel loop: no throw inside it
+        bad_label[blk] = label;
+        continue;
+      }
+      block_sum += static_cast<double>(lse[p] - xs[label * kBlock + p]);
       ++block_count;
     }
     out.sum[blk] = block_sum;
     out.count[blk] = block_count;
   });
+  for (const int64_t label : bad_label)
+    TORCH_CHECK(label == ignore_index, "fused_dense_loss: seg_target holds label ", label,
+                " outside [0, ", C, ") and not ignore_index (", ignore_index, ")");
 }
 
-// One block's k * (softmax - onehot), k = scale on valid pixels and 0 on ignored ones. Written as a
-// branch-free pass over all channels and a fix-up at each pixel's label so that it vectorizes.
+// One block's k * (softmax - onehot), k = scale on valid pixels and 0 on ignored ones, in one
+// branch-free pass over the channels (labels as acc_t so the one-hot compare vectorizes too).
 template <typename T, bool UNIT, typename acc_t>
-MTV_SIMD_CLONES void block_softmax_grad(const BlockLogits<T, UNIT>& xb, const int64_t* yb,
-                                        int64_t y_sp, const acc_t* lse, int64_t C, int64_t n,
-                                        int64_t ignore_index, acc_t scale, T* gb) {
-  acc_t k[kBlock];
-  for (int64_t p = 0; p < n; ++p) k[p] = yb[p * y_sp] == ignore_index ? acc_t(0) : scale;
+MTV_SIMD_CLONES void block_softmax_grad(const BlockLogits<T, UNIT>& xb, const acc_t* label,
+                                        const acc_t* k, const acc_t* lse, int64_t C, int64_t n,
+                                        T* __restrict gb) {
   for (int64_t c = 0; c < C; ++c) {
     T* gc = gb + c * xb.sc;
-    for (int64_t p = 0; p < n; ++p)
-      gc[UNIT ? p : p * xb.sp] = static_cast<T>(k[p] * exp_approx(static_cast<acc_t>(xb.at(c, p)) - lse[p]));
-  }
-  for (int64_t p = 0; p < n; ++p) {
-    const int64_t label = yb[p * y_sp];
-    if (label == ignore_index) continue;
-    const acc_t sm = exp_approx(static_cast<acc_t>(xb.at(label, p)) - lse[p]);
-    gb[label * xb.sc + (UNIT ? p : p * xb.sp)] = static_cast<T>(k[p] * (sm - acc_t(1)));
+    const acc_t cf = static_cast<acc_t>(c);
+    for (int64_t p = 0; p < n; ++p) {
+      const acc_t onehot = label[p] == cf ? acc_t(1) : acc_t(0);
+      const acc_t sm = exp_approx(static_cast<acc_t>(xb.at(c, p)) - lse[p]);
+      gc[UNIT ? p : p * xb.sp] = static_cast<T>(k[p] * (sm - onehot));
+    }
   }
 }
 
@@ -170,11 +193,16 @@ void seg_backward(const FusedLossInputs& in, int64_t ignore_index, const at::Ten
   for_each_block(v.B, v.P, [&](int64_t b, int64_t p0, int64_t p1, int64_t) {
     const int64_t n = p1 - p0;
     const int64_t off = b * v.sb + p0 * v.sp;
-    const BlockLogits<T, UNIT> xb{x + off, v.sc, v.sp};
-    T* gb = g + off;
-    const acc_t* lse = lse_ptr + b * v.P + p0;
     const int64_t* yb = y + b * vt.sb + p0 * vt.sp;
-    block_softmax_grad(xb, yb, vt.sp, lse, C, n, ignore_index, static_cast<acc_t>(scale), gb);
+    acc_t label[kBlock], k[kBlock];
+    for (int64_t p = 0; p < n; ++p) {
+      const int64_t l = yb[p * vt.sp];
+      const bool valid = l != ignore_index;
+      label[p] = valid ? static_cast<acc_t>(l) : acc_t(-1);
+      k[p] = valid ? static_cast<acc_t>(scale) : acc_t(0);
+    }
+    block_softmax_grad(BlockLogits<T, UNIT>{x + off, v.sc, v.sp}, label, k, lse_ptr + b * v.P + p0,
+                       C, n, g + off);
   });
 }
 
@@ -306,10 +334,13 @@ FusedLossOutputs fused_dense_loss_forward_cpu(
     });
     std::tie(sums[2], counts[2]) = part.total();
   }
-  at::Tensor losses = at::empty({3}, any.options().dtype(at::kFloat));
+  const bool f64 = any.scalar_type() == at::kDouble;  // float64 in, float64 losses (gradcheck)
+  at::Tensor losses = at::empty({3}, any.options().dtype(f64 ? at::kDouble : at::kFloat));
   at::Tensor count_t = at::empty({3}, any.options().dtype(at::kLong));
   for (int i = 0; i < 3; ++i) {
-    losses.data_ptr<float>()[i] = counts[i] > 0 ? static_cast<float>(sums[i] / counts[i]) : 0.0f;
+    const double mean = counts[i] > 0 ? sums[i] / counts[i] : 0.0;
+    if (f64) losses.data_ptr<double>()[i] = mean;
+    else losses.data_ptr<float>()[i] = static_cast<float>(mean);
     count_t.data_ptr<int64_t>()[i] = counts[i];
   }
   return {losses, count_t, lse};

@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import timm
-import torch
-import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models import VisionTransformer
 from torch import Tensor, nn
@@ -96,18 +94,21 @@ def _load_into(model: nn.Module, path: str, name: str) -> None:
             msg.append(f"missing keys: {_short(missing)}")
         if unexpected:
             msg.append(f"unexpected keys: {_short(unexpected)}")
-        msg.append("expected a timm-format state dict of the same architecture, e.g. timm.create_model(name).state_dict()")
+        msg.append("expected a timm-format state dict of the same architecture "
+                   "(e.g. timm.create_model(name).state_dict())")
         raise BackboneError("pretrained", "; ".join(msg))
     try:
         model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches
-        raise BackboneError("pretrained", f"pretrained weights file {path!r} does not fit timm model {name!r}: {e}") from e
+        raise BackboneError("pretrained",
+                            f"pretrained weights file {path!r} does not fit timm model {name!r}: {e}") from e
 
 
 # Overlay that makes timm load a given state dict and nothing else: no hub id, url, file or custom
 # loader is left for it to try, so no code path can reach the network.
 def _state_dict_overlay(sd: dict[str, Tensor]) -> dict[str, Any]:
-    return dict(state_dict=sd, source=None, hf_hub_id=None, hf_hub_filename=None, url=None, file=None, custom_load=False)
+    return dict(state_dict=sd, source=None, hf_hub_id=None, hf_hub_filename=None, url=None, file=None,
+                custom_load=False)
 
 
 # ---------------------------------------------------------------------------------------------------

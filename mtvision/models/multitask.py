@@ -98,7 +98,8 @@ def _as_dict(section: Any, key: str) -> dict:
 def _check_kwargs(cls: type, kwargs: dict, injected: Sequence[str], key: str, what: str) -> None:
     """Unknown, injected and missing constructor arguments of ``cls`` -> ConfigError naming ``key.arg``."""
     params = inspect.signature(cls.__init__).parameters
-    accepted = [p for p in params if p != "self" and params[p].kind in (params[p].POSITIONAL_OR_KEYWORD, params[p].KEYWORD_ONLY)]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = [p for p in params if p != "self" and params[p].kind in named]
     settable = [p for p in accepted if p not in injected]
     for k in kwargs:
         if k in injected:

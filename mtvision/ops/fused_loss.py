@@ -17,7 +17,8 @@ def fused_dense_loss(
     normal_target: Tensor | None,
     ignore_index: int = 255,
 ) -> Tensor:
-    """Per-task mean losses ``[ce, depth_l1, normal_cos]`` (float32 ``[3]``) in one pass.
+    """Per-task mean losses ``[ce, depth_l1, normal_cos]`` in one pass: float32 ``[3]`` for float32,
+    float16 and bfloat16 predictions (accumulated in float32 or wider), float64 for float64 ones.
 
     - ``seg_logits [B,C,H,W]``, ``seg_target [B,H,W]`` int64: cross-entropy over pixels whose label
       is not ``ignore_index``.
@@ -62,13 +63,13 @@ def _forward_fake(seg_logits, seg_target, depth_pred, depth_target, normal_pred,
     preds = [p for p in (seg_logits, depth_pred, normal_pred) if p is not None]
     torch._check(len(preds) > 0, lambda: "fused_dense_loss: at least one task must be given")
     like = preds[0]
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
     if seg_logits is not None:
-        acc = torch.float64 if seg_logits.dtype == torch.float64 else torch.float32
         lse = seg_logits.new_empty((seg_logits.shape[0], seg_logits.shape[2], seg_logits.shape[3]),
                                    dtype=acc)
     else:
         lse = like.new_empty(0, dtype=torch.float32)
-    return like.new_empty(3, dtype=torch.float32), like.new_empty(3, dtype=torch.int64), lse
+    return like.new_empty(3, dtype=acc), like.new_empty(3, dtype=torch.int64), lse
 
 
 @torch.library.register_fake("mtvision::fused_dense_loss_backward")

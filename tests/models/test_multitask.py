@@ -89,7 +89,7 @@ def test_build_from_model_config_dataclass_and_direct_construction():
     model = build_model(ModelConfig())
     assert model.tasks == ["seg", "depth", "normal"]
     assert model.heads["seg"].num_classes == 6
-    direct = MultiTaskModel(model.backbone, model.neck, {"seg": model.heads["seg"]})
+    direct = MultiTaskModel(model.backbone, model.neck, {"seg": model.heads["seg"]}).eval()
     assert direct(torch.randn(1, 3, 32, 32))["seg"].shape == (1, 6, 32, 32)
     assert set(HEADS) == {"segmentation", "depth", "normals"}
 

@@ -1,0 +1,53 @@
+"""``build_dataset``: the config's ``data`` section -> a Dataset, through one plain name -> class dict."""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from ..config import ConfigError, DataConfig
+from .synthetic import SyntheticScenes
+
+__all__ = ["DATASETS", "VAL_SEED_OFFSET", "build_dataset"]
+
+#: ``data.dataset`` name -> dataset class.
+DATASETS: dict[str, type[Dataset]] = {
+    "synthetic": SyntheticScenes,
+}
+
+#: The synthetic validation set is drawn with ``seed + VAL_SEED_OFFSET``, the training set with ``seed``,
+#: so the two never share a scene (scene ``i`` depends only on ``(seed, i)``).
+VAL_SEED_OFFSET = 1_000_003
+
+_SPLITS = ("train", "val")
+
+
+def build_dataset(data: DataConfig, split: str, seed: int = 0) -> Dataset:
+    """The training (``split="train"``) or validation (``split="val"``) set described by ``data``.
+
+    ``seed`` is the experiment seed (``cfg.seed``); it only matters for generated datasets. For
+    ``synthetic``: ``num_train`` / ``num_val`` scenes of ``data.size`` normalised with ``data.mean`` /
+    ``data.std``, seed ``seed`` for train and ``seed + VAL_SEED_OFFSET`` for val. Datasets read from
+    disk will use ``data.root`` with ``data.train_split`` / ``data.val_split``.
+    Raises ConfigError naming ``data.dataset`` / ``data.root`` / ``data.num_classes`` on a bad value.
+    """
+    if split not in _SPLITS:
+        raise ValueError(f"build_dataset: split must be one of {_SPLITS}, got {split!r}")
+    if data.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset: unknown dataset {data.dataset!r} (choose from: {', '.join(DATASETS)})")
+    cls = DATASETS[data.dataset]
+    if cls is SyntheticScenes:
+        if data.root is not None:
+            raise ConfigError(f"data.root: the synthetic dataset is generated and reads no files; "
+                              f"set it to null (got {data.root!r})")
+        n = len(SyntheticScenes.classes)
+        if data.num_classes != n:
+            raise ConfigError(f"data.num_classes: the synthetic scenes have {n} classes, got {data.num_classes}")
+        train = split == "train"
+        return SyntheticScenes(
+            data.num_train if train else data.num_val,
+            size=tuple(data.size),
+            seed=seed if train else seed + VAL_SEED_OFFSET,
+            mean=tuple(data.mean),
+            std=tuple(data.std),
+        )
+    raise ConfigError(f"data.dataset: no builder for {data.dataset!r}")  # every DATASETS entry is handled above

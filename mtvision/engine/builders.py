@@ -1,0 +1,202 @@
+"""Builders for the training loop: device, seeding, data loaders, optimizer, LR schedule, balancer check."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from ..config import ConfigError, OptimizerConfig, ScheduleConfig
+from ..data import collate_samples
+
+__all__ = [
+    "AVAILABLE_BALANCERS",
+    "LRLambda",
+    "build_dataloader",
+    "build_optimizer",
+    "build_scheduler",
+    "check_amp",
+    "check_balancer",
+    "check_tasks",
+    "resolve_device",
+    "seed_everything",
+    "seed_worker",
+]
+
+#: Balancer names this version trains with; the balancing issue adds the others of DESIGN §3.
+AVAILABLE_BALANCERS = ("ew",)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda when available else cpu; ``"cuda"`` without a GPU is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: derive ``random`` and NumPy seeds from the worker's torch seed
+    (itself drawn from the loader's generator), so augmentation randomness repeats run to run."""
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+
+
+def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int, *, train: bool,
+                     seed: int = 0) -> DataLoader:
+    """A loader of ``collate_samples`` batches.
+
+    Training: shuffled by a generator seeded with ``seed`` (each pass over the data draws the next
+    permutation from it), incomplete last batch dropped, workers kept alive across epochs.
+    Evaluation: in order, every sample once. Raises ConfigError when a training set is smaller than one
+    batch (the loop would never get a batch).
+    """
+    if train and len(dataset) < batch_size:
+        raise ConfigError(f"data.batch_size ({batch_size}) is larger than the training set "
+                          f"({len(dataset)} samples, data.num_train)")
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+        drop_last=train,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        persistent_workers=train and num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
+    """Backbone vs other parameters (``lr * backbone_lr_mult`` for the backbone), each split into
+    decayed weights and undecayed 1-D parameters (biases, norm scales), as is usual for AdamW."""
+    backbone = getattr(model, "backbone", None)
+    backbone_ids = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        groups.setdefault((id(p) in backbone_ids, p.ndim > 1), []).append(p)
+    out = []
+    for (is_backbone, decay), params in sorted(groups.items()):
+        out.append({
+            "params": params,
+            "lr": cfg.lr * (cfg.backbone_lr_mult if is_backbone else 1.0),
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "name": f"{'backbone' if is_backbone else 'heads'}{'' if decay else '_no_decay'}",
+        })
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum, Nesterov off) over ``model``'s trainable parameters (see ``_param_groups``)."""
+    groups = _param_groups(model, cfg)
+    if not groups:
+        raise ValueError("build_optimizer: the model has no trainable parameter")
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"optimizer.name: unknown optimizer {cfg.name!r} (choose from: adamw, sgd)")
+
+
+class LRLambda:
+    """LR factor of iteration ``it`` (0-based; the LR of the step that updates to ``it + 1``).
+
+    Linear warm-up from ``warmup_factor`` to 1 over ``warmup_iters``, then over the remaining
+    ``max_iters - warmup_iters`` iterations (progress ``t`` in [0, 1]):
+    ``cosine``: ``m + (1 - m) * (1 + cos(pi t)) / 2``; ``poly``: ``m + (1 - m) * (1 - t) ** power``;
+    ``constant``: 1; with ``m = min_lr_ratio``. A plain object (numbers only), so a LambdaLR holding it
+    saves into a ``weights_only`` checkpoint.
+    """
+
+    def __init__(self, cfg: ScheduleConfig, max_iters: int):
+        self.name = cfg.name
+        self.warmup_iters = int(cfg.warmup_iters)
+        self.warmup_factor = float(cfg.warmup_factor)
+        self.power = float(cfg.power)
+        self.min_lr_ratio = float(cfg.min_lr_ratio)
+        self.max_iters = int(max_iters)
+
+    def __call__(self, it: int) -> float:
+        if it < self.warmup_iters:
+            return self.warmup_factor + (1.0 - self.warmup_factor) * it / self.warmup_iters
+        span = max(1, self.max_iters - self.warmup_iters)
+        t = min(1.0, (it - self.warmup_iters) / span)
+        m = self.min_lr_ratio
+        if self.name == "cosine":
+            return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * t))
+        if self.name == "poly":
+            return m + (1.0 - m) * (1.0 - t) ** self.power
+        return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_iters: int):
+    """A per-iteration ``LambdaLR`` (call ``.step()`` after every optimizer step) following ``LRLambda``."""
+    if cfg.name not in ("cosine", "poly", "constant"):
+        raise ConfigError(f"schedule.name: unknown schedule {cfg.name!r} (choose from: cosine, poly, constant)")
+    if cfg.warmup_iters >= max_iters and cfg.warmup_iters > 0:
+        raise ConfigError(f"schedule.warmup_iters ({cfg.warmup_iters}) must be < train.max_iters ({max_iters})")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRLambda(cfg, max_iters))
+
+
+def check_balancer(name: str) -> None:
+    """ConfigError unless ``balancer.name`` is one this version implements (static weights: ``ew``)."""
+    if name not in AVAILABLE_BALANCERS:
+        raise ConfigError(
+            f"balancer.name: {name!r} is not available yet (available: {', '.join(AVAILABLE_BALANCERS)}; "
+            "'ew' trains with the static loss.weights)")
+
+
+
+def check_tasks(cfg) -> list[str]:
+    """The training tasks ``cfg.data.tasks``, checked against the loss and the model's heads.
+
+    ConfigError when a task has no dense loss, when ``data.tasks`` and ``model.heads`` name different
+    tasks, or when the ``seg`` head's ``num_classes`` differs from ``data.num_classes``.
+    """
+    from ..losses import DENSE_TASKS
+
+    tasks = list(cfg.data.tasks)
+    for t in tasks:
+        if t not in DENSE_TASKS:
+            raise ConfigError(f"data.tasks: unknown task {t!r} (dense tasks: {', '.join(DENSE_TASKS)})")
+    if len(set(tasks)) != len(tasks):
+        raise ConfigError(f"data.tasks: duplicate task in {tasks}")
+    heads = cfg.model.heads or {}
+    if set(heads) != set(tasks):
+        raise ConfigError(f"data.tasks {tasks} and model.heads {list(heads)} must name the same tasks")
+    seg = heads.get("seg")
+    if isinstance(seg, dict) and "num_classes" in seg and seg["num_classes"] != cfg.data.num_classes:
+        raise ConfigError(f"model.heads.seg.num_classes ({seg['num_classes']}) differs from data.num_classes "
+                          f"({cfg.data.num_classes})")
+    for t in cfg.loss.weights:
+        if t not in tasks:
+            raise ConfigError(f"loss.weights.{t}: no such task (data.tasks: {', '.join(tasks)})")
+    return tasks
+
+
+def check_amp(amp: str, device: torch.device) -> str:
+    """The mixed-precision mode to use: ``fp16`` needs CUDA (ConfigError on CPU); ``bf16`` runs on CUDA,
+    and on CPU too (CPU autocast supports bfloat16)."""
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.amp: 'fp16' needs a CUDA device (device is {device.type}); use bf16 or none")
+    return amp

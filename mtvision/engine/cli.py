@@ -1,0 +1,62 @@
+"""Shared plumbing of the command-line tools: config + overrides arguments, model loading, error exits."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+from ..config import Config, ConfigError, config_to_dict, load_config
+from .builders import build_dataloader, check_amp, check_tasks, resolve_device
+from .checkpoint import CheckpointError, load_model_weights
+
+__all__ = ["add_config_arguments", "config_from_args", "exit_on_user_error", "load_trained_model", "val_loader"]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``CONFIG`` and trailing ``key=value`` overrides."""
+    parser.add_argument("config", help="experiment YAML, e.g. configs/synthetic/mtl_resnet18.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, value parsed as YAML (e.g. train.max_iters=100)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load ``args.config`` with ``args.overrides`` applied."""
+    return load_config(args.config, args.overrides)
+
+
+def exit_on_user_error(main: Callable[[Optional[Sequence[str]]], int]):
+    """Decorator for a tool's ``main(argv) -> int``: a config, file or checkpoint error prints
+    ``error: <message>`` on stderr and returns 2 instead of a traceback."""
+    @functools.wraps(main)
+    def wrapper(argv: Optional[Sequence[str]] = None) -> int:
+        try:
+            return main(argv)
+        except (ConfigError, FileNotFoundError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+def load_trained_model(cfg: Config, checkpoint: str):
+    """``(model, checkpoint dict, device)``: ``build_model(cfg.model)`` on ``cfg.train.device`` with the
+    weights of ``checkpoint``, in eval mode."""
+    from ..models import build_model
+
+    check_tasks(cfg)
+    device = resolve_device(cfg.train.device)
+    check_amp(cfg.train.amp, device)
+    model = build_model(config_to_dict(cfg.model)).to(device)
+    state = load_model_weights(model, checkpoint)
+    model.eval()
+    return model, state, device
+
+
+def val_loader(cfg: Config):
+    """``(val dataset, loader)`` of ``cfg``'s validation split, in order."""
+    from ..data.builders import build_dataset
+
+    dataset = build_dataset(cfg.data, "val", cfg.seed)
+    return dataset, build_dataloader(dataset, cfg.data.batch_size, cfg.data.num_workers, train=False)

@@ -1,0 +1,215 @@
+"""Speed of mtvision's custom ops against their eager PyTorch baselines, measured in the same run.
+
+    python tools/benchmark.py [--device cpu|cuda|all] [--repeats 15] [--json FILE]
+
+Each row: median wall time of forward+backward over `--repeats` runs after warm-up, the ratio
+eager/fused, and the peak extra memory of one forward+backward (CPU: peak RSS growth, measured in a
+fresh subprocess per variant; CUDA: torch.cuda.max_memory_allocated growth). On CUDA the floor is the
+bytes the op must move divided by the device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import mtvision  # noqa: F401
+except ImportError:  # running from a checkout without an install
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mtvision.ops import fused_dense_loss, reference  # noqa: E402
+
+# (name, B, C, H, W): the LibMTL NYUv2 and Cityscapes training shapes
+LOSS_SHAPES = [("nyuv2", 8, 13, 288, 384), ("cityscapes", 8, 19, 256, 512)]
+
+
+def loss_inputs(B, C, H, W, device, dtype=torch.float32, seed=0):
+    """Random dense-task predictions (requiring grad) and targets with ignored/invalid pixels."""
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.randn(B, C, H, W, generator=g) * 2
+    labels = torch.randint(0, C, (B, H, W), generator=g)
+    labels[torch.rand(B, H, W, generator=g) < 0.1] = 255
+    depth = torch.rand(B, 1, H, W, generator=g) * 10
+    depth_t = torch.rand(B, 1, H, W, generator=g) * 10
+    depth_t[depth_t < 1] = 0
+    normal = torch.randn(B, 3, H, W, generator=g)
+    normal_t = F.normalize(torch.randn(B, 3, H, W, generator=g), dim=1)
+    preds = [t.to(device, dtype).requires_grad_() for t in (seg, depth, normal)]
+    targets = [labels.to(device), depth_t.to(device, dtype), normal_t.to(device, dtype)]
+    return preds, targets
+
+
+def loss_step(fn, preds, targets):
+    losses = fn(preds[0], targets[0], preds[1], targets[1], preds[2], targets[2])
+    return torch.autograd.grad(losses.sum(), preds)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(step, device, repeats, warmup=3):
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def cpu_peak_extra_memory(variant, shape):
+    """Peak RSS growth of one forward+backward, in a fresh interpreter so peaks don't mix."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_memory-probe", variant,
+                          *map(str, shape)], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(variant, B, C, H, W):
+    preds, targets = loss_inputs(B, C, H, W, "cpu")
+    fn = fused_dense_loss if variant == "fused" else reference.fused_dense_loss
+    loss_step(fn, *loss_inputs(1, C, 8, 8, "cpu"))  # first-call allocations (kernels, caches)
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current RSS
+        f.write("5")
+    before = _status_bytes("VmRSS")
+    grads = loss_step(fn, preds, targets)
+    print(max(0, _status_bytes("VmHWM") - before))
+    del grads
+
+
+def copy_bandwidth(device):
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), device, repeats=20)
+    return 2 * src.numel() / seconds
+
+
+def cuda_graph_time(step, repeats=50):
+    """GPU time of `step` replayed from a CUDA graph (launch and Python overhead removed), or None
+    when it cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as exc:
+        print(f"benchmark: CUDA graph capture failed ({exc}); no graph timing", file=sys.stderr)
+        return None
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
+def loss_bytes_moved(preds, targets):
+    """Fewest bytes one forward+backward must move: forward reads every input once and writes the
+    per-pixel log-sum-exp; backward reads them again and writes one gradient per prediction."""
+    inputs = sum(t.numel() * t.element_size() for t in preds + targets)
+    lse = targets[0].numel() * 4
+    grads = sum(p.numel() * p.element_size() for p in preds)
+    return (inputs + lse) + (inputs + lse + grads)
+
+
+def bench_loss(device, repeats):
+    rows = []
+    bandwidth = copy_bandwidth(device) if device == "cuda" else None
+    for name, B, C, H, W in LOSS_SHAPES:
+        preds, targets = loss_inputs(B, C, H, W, device)
+        row = {"op": "fused_dense_loss fwd+bwd", "shape": f"{name} B{B} C{C} {H}x{W}", "device": device}
+        for variant, fn in (("eager", reference.fused_dense_loss), ("fused", fused_dense_loss)):
+            row[f"{variant}_ms"] = 1e3 * median_time(lambda: loss_step(fn, preds, targets), device, repeats)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                grads = loss_step(fn, preds, targets)
+                torch.cuda.synchronize()
+                row[f"{variant}_peak_extra_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                del grads
+            else:
+                row[f"{variant}_peak_extra_MB"] = cpu_peak_extra_memory(variant, (B, C, H, W)) / 2**20
+            if device == "cuda":
+                graph_s = cuda_graph_time(lambda: loss_step(fn, preds, targets))
+                row[f"{variant}_gpu_ms"] = None if graph_s is None else 1e3 * graph_s
+        row["speedup"] = row["eager_ms"] / row["fused_ms"]
+        row["grad_buffer_MB"] = sum(p.numel() * p.element_size() for p in preds) / 2**20
+        if bandwidth:
+            row["floor_ms"] = 1e3 * loss_bytes_moved(preds, targets) / bandwidth
+            row["copy_GBps"] = bandwidth / 1e9
+        rows.append(row)
+    return rows
+
+
+def print_table(rows):
+    cols = ["op", "shape", "device", "eager_ms", "fused_ms", "speedup", "eager_gpu_ms", "fused_gpu_ms",
+            "floor_ms", "eager_peak_extra_MB", "fused_peak_extra_MB", "grad_buffer_MB"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--_memory-probe", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._memory_probe:
+        variant, *shape = args._memory_probe
+        memory_probe(variant, *map(int, shape))
+        return
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            sys.exit("benchmark: --device cuda but no GPU is available")
+        devices.remove("cuda")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+          + (f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
+    rows = []
+    for device in devices:
+        rows += bench_loss(device, args.repeats)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
