@@ -44,8 +44,10 @@ def extension(use_cuda, cuda_home, reason):
     print(f"mtvision: building {'CPU + CUDA' if use_cuda else 'CPU-only'} kernels ({reason})")
     sources = ["csrc/mtvision.cpp", "csrc/python_module.cpp"]
     sources += sorted(glob.glob("csrc/*/*_cpu.cpp")) + sorted(glob.glob("csrc/*/*_common.cpp"))
-    cxx = ["-O3", "-std=c++20", "-fno-trapping-math", "-fno-math-errno"]
-    nvcc = ["-O3", "-std=c++20", "--use_fast_math"]
+    # No -std flag: cpp_extension adds the standard the installed torch was built with (a mismatch
+    # changes c10's header code paths and breaks exceptions thrown across the library boundary).
+    cxx = ["-O3", "-fno-trapping-math", "-fno-math-errno"]
+    nvcc = ["-O3"]
     if not use_cuda:
         return cpp_extension.CppExtension("mtvision._C", sources, extra_compile_args={"cxx": cxx},
                                           include_dirs=[os.path.join(ROOT, "csrc")])

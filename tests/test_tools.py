@@ -28,7 +28,8 @@ def trained(tmp_path_factory):
     """One tiny training run through tools/train.py, shared by the round-trip tests."""
     tmp = tmp_path_factory.mktemp("tools")
     config = write_tiny_config(tmp)
-    assert _tool("train").main([str(config), "--no-progress", "train.max_iters=3", "train.eval_interval=3"]) == 0
+    argv = [str(config), "--no-progress", "train.max_iters=3", "train.eval_interval=3"]
+    assert _tool("train").main(argv) == 0
     return config, tmp / "work"
 
 
@@ -36,7 +37,8 @@ def test_train_eval_round_trip(trained, tmp_path, capsys):
     config, work = trained
     summary = json.loads((work / "metrics.json").read_text())
     out = tmp_path / "eval.json"
-    rc = _tool("eval").main([str(config), "--checkpoint", str(work / "checkpoints" / "last.pth"), "--out", str(out)])
+    rc = _tool("eval").main([str(config), "--checkpoint", str(work / "checkpoints" / "last.pth"),
+                             "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["iteration"] == 3 and result["num_samples"] == 4
@@ -88,8 +90,8 @@ def test_config_errors_exit_non_zero_naming_the_key(tmp_path, capsys, override, 
 
 def test_missing_config_file_through_the_command_line(tmp_path):
     missing = tmp_path / "nope.yaml"
-    proc = subprocess.run([sys.executable, "tools/train.py", str(missing)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "tools/train.py", str(missing)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 2
     assert f"config file not found: {missing}" in proc.stderr
     assert "Traceback" not in proc.stderr

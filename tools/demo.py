@@ -45,9 +45,10 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
     t_start = time.perf_counter()
     cfg = load_config(args.config, args.overrides)
-    print(f"training {cfg.model.backbone.get('name')} on {', '.join(cfg.data.tasks)} for {cfg.train.max_iters} "
-          f"iterations (batch {cfg.data.batch_size}, {cfg.data.size[0]}x{cfg.data.size[1]}); log in "
-          f"{cfg.work_dir}/train.log", flush=True)
+    h, w = cfg.data.size
+    print(f"training {cfg.model.backbone.get('name')} on {', '.join(cfg.data.tasks)} "
+          f"for {cfg.train.max_iters} iterations (batch {cfg.data.batch_size}, {h}x{w}); "
+          f"log in {cfg.work_dir}/train.log", flush=True)
     trainer = Trainer(cfg)
     model_metrics = trainer.train()
     t_trained = time.perf_counter()
@@ -58,17 +59,29 @@ def main(argv=None) -> int:
                                                cfg.loss.ignore_index, args.baseline_batches)
     rows = [k for t in tasks for k in TABLE.get(t, [])]
     # relative_changes is lower-is-better (Δm convention); the table shows improvement, higher is better.
-    improvement = {k: -v for k, v in relative_changes(model_metrics, {k: base_metrics[k] for k in rows}).items()}
-    pictures = write_prediction_pngs(trainer.model, trainer.val_set, trainer.work_dir / "pictures", args.pictures,
-                                     mean=cfg.data.mean, std=cfg.data.std, device=trainer.device,
-                                     batch_size=cfg.data.batch_size, autocast=trainer.autocast)
+    changes = relative_changes(model_metrics, {k: base_metrics[k] for k in rows})
+    improvement = {k: -v for k, v in changes.items()}
+    pictures = write_prediction_pngs(trainer.model, trainer.val_set, trainer.work_dir / "pictures",
+                                     args.pictures, mean=cfg.data.mean, std=cfg.data.std,
+                                     device=trainer.device, batch_size=cfg.data.batch_size,
+                                     autocast=trainer.autocast)
     seconds = time.perf_counter() - t_start
 
     print()
-    print(format_table(rows, {"trivial baseline": base_metrics, f"model (iter {trainer.iteration})": model_metrics,
+    print(format_table(rows, {"trivial baseline": base_metrics,
+                              f"model (iter {trainer.iteration})": model_metrics,
                               "improvement %": improvement}))
-    print(f"\ntrivial baseline: class {predictor.majority_class}, depth {predictor.mean_depth}, "
-          f"normal {predictor.mean_normal}")
+    described = []
+    if predictor.majority_class is not None:
+        names = getattr(trainer.train_set, "classes", None)
+        name = names[predictor.majority_class] if names else predictor.majority_class
+        described.append(f"class {name!r} everywhere")
+    if predictor.mean_depth is not None:
+        described.append(f"depth {predictor.mean_depth:.3f} m")
+    if predictor.mean_normal is not None:
+        described.append("normal (" + ", ".join(f"{x:.3f}" for x in predictor.mean_normal) + ")")
+    print(f"\ntrivial baseline (statistics of {args.baseline_batches} training batches): "
+          + "; ".join(described))
     step_ms = trainer.step_seconds / max(trainer.iteration, 1) * 1e3
     print(f"training {t_trained - t_start:.0f}s ({step_ms:.0f} ms/iter in the step), total {seconds:.0f}s; "
           f"{len(pictures)} pictures in {trainer.work_dir / 'pictures'}")

@@ -18,8 +18,8 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtvision.engine import autocast_context, evaluate_model, write_json
-from mtvision.engine.cli import (add_config_arguments, config_from_args, exit_on_user_error, load_trained_model,
-                                 val_loader)
+from mtvision.engine.cli import (add_config_arguments, config_from_args, exit_on_user_error,
+                                 load_trained_model, val_loader)
 from mtvision.engine.logging import format_table
 
 
@@ -34,9 +34,11 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
     model, state, device = load_trained_model(cfg, args.checkpoint)
     dataset, loader = val_loader(cfg)
-    metrics = evaluate_model(model, loader, list(cfg.data.tasks), cfg.data.num_classes, cfg.loss.ignore_index,
-                             device, autocast_context(cfg.train.amp, device), getattr(dataset, "classes", None))
-    print(format_table(list(metrics), {f"{Path(args.checkpoint).name} (iter {state.get('iteration')})": metrics}))
+    metrics = evaluate_model(model, loader, list(cfg.data.tasks), cfg.data.num_classes,
+                             cfg.loss.ignore_index, device, autocast_context(cfg.train.amp, device),
+                             getattr(dataset, "classes", None))
+    title = f"{Path(args.checkpoint).name} (iter {state.get('iteration')})"
+    print(format_table(list(metrics), {title: metrics}))
     if args.out:
         write_json({"checkpoint": str(args.checkpoint), "iteration": state.get("iteration"),
                     "num_samples": len(dataset), "metrics": metrics}, args.out)

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Write prediction pictures: ``python tools/predict.py CONFIG --checkpoint PATH --out DIR [--num N] [key=value ...]``.
+"""Write prediction pictures of validation images.
+
+``python tools/predict.py CONFIG --checkpoint PATH --out DIR [--num N] [key=value ...]``
 
 One PNG per validation image (``DIR/0000.png`` ...): a row of the input, predicted and true segmentation
 (fixed palette), predicted and true depth (colour map, common range), predicted and true normals

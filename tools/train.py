@@ -28,7 +28,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = config_from_args(args)
     trainer = Trainer(cfg, progress=False if args.no_progress else None)
     metrics = trainer.train()

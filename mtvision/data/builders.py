@@ -33,7 +33,8 @@ def build_dataset(data: DataConfig, split: str, seed: int = 0) -> Dataset:
     if split not in _SPLITS:
         raise ValueError(f"build_dataset: split must be one of {_SPLITS}, got {split!r}")
     if data.dataset not in DATASETS:
-        raise ConfigError(f"data.dataset: unknown dataset {data.dataset!r} (choose from: {', '.join(DATASETS)})")
+        raise ConfigError(f"data.dataset: unknown dataset {data.dataset!r} "
+                          f"(choose from: {', '.join(DATASETS)})")
     cls = DATASETS[data.dataset]
     if cls is SyntheticScenes:
         if data.root is not None:
@@ -41,7 +42,8 @@ def build_dataset(data: DataConfig, split: str, seed: int = 0) -> Dataset:
                               f"set it to null (got {data.root!r})")
         n = len(SyntheticScenes.classes)
         if data.num_classes != n:
-            raise ConfigError(f"data.num_classes: the synthetic scenes have {n} classes, got {data.num_classes}")
+            raise ConfigError(f"data.num_classes: the synthetic scenes have {n} classes, "
+                              f"got {data.num_classes}")
         train = split == "train"
         return SyntheticScenes(
             data.num_train if train else data.num_val,
@@ -50,4 +52,4 @@ def build_dataset(data: DataConfig, split: str, seed: int = 0) -> Dataset:
             mean=tuple(data.mean),
             std=tuple(data.std),
         )
-    raise ConfigError(f"data.dataset: no builder for {data.dataset!r}")  # every DATASETS entry is handled above
+    raise ConfigError(f"data.dataset: no builder for {data.dataset!r}")

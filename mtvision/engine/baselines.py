@@ -72,13 +72,15 @@ def fit_trivial_baseline(loader: Iterable[dict], tasks: Sequence[str], num_class
         num_classes=num_classes,
         majority_class=int(counts.argmax()) if "seg" in tasks and counts.sum() > 0 else None,
         mean_depth=depth_sum / depth_n if "depth" in tasks and depth_n > 0 else None,
-        mean_normal=tuple(float(x) for x in mean_normal) if "normal" in tasks and normal_sum.norm() > 0 else None,
+        mean_normal=(tuple(float(x) for x in mean_normal)
+                     if "normal" in tasks and normal_sum.norm() > 0 else None),
     )
 
 
 def trivial_baseline(train_loader: Iterable[dict], val_loader: Iterable[dict], tasks: Sequence[str],
                      num_classes: int, ignore_index: int = 255, max_train_batches: Optional[int] = None,
-                     class_names: Optional[Sequence[str]] = None) -> tuple[dict[str, float], TrivialPredictor]:
+                     class_names: Optional[Sequence[str]] = None,
+                     ) -> tuple[dict[str, float], TrivialPredictor]:
     """Fit the constant predictor on ``train_loader`` and score it on ``val_loader`` with the same
     metrics as a model (``mtvision.engine.evaluate``). Returns ``(flat metrics, predictor)``."""
     predictor = fit_trivial_baseline(train_loader, tasks, num_classes, ignore_index, max_train_batches)

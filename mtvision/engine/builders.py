@@ -150,11 +150,13 @@ class LRLambda:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_iters: int):
-    """A per-iteration ``LambdaLR`` (call ``.step()`` after every optimizer step) following ``LRLambda``."""
+    """A per-iteration ``LambdaLR`` (call ``.step()`` after every optimizer step) following ``LRLambda``.
+
+    A warm-up longer than ``max_iters`` is allowed (a short run overriding ``train.max_iters`` then
+    stays in warm-up)."""
     if cfg.name not in ("cosine", "poly", "constant"):
-        raise ConfigError(f"schedule.name: unknown schedule {cfg.name!r} (choose from: cosine, poly, constant)")
-    if cfg.warmup_iters >= max_iters and cfg.warmup_iters > 0:
-        raise ConfigError(f"schedule.warmup_iters ({cfg.warmup_iters}) must be < train.max_iters ({max_iters})")
+        raise ConfigError(f"schedule.name: unknown schedule {cfg.name!r} "
+                          "(choose from: cosine, poly, constant)")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LRLambda(cfg, max_iters))
 
 
@@ -198,5 +200,6 @@ def check_amp(amp: str, device: torch.device) -> str:
     """The mixed-precision mode to use: ``fp16`` needs CUDA (ConfigError on CPU); ``bf16`` runs on CUDA,
     and on CPU too (CPU autocast supports bfloat16)."""
     if amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"train.amp: 'fp16' needs a CUDA device (device is {device.type}); use bf16 or none")
+        raise ConfigError(f"train.amp: 'fp16' needs a CUDA device (device is {device.type}); "
+                          "use bf16 or none")
     return amp

@@ -12,7 +12,8 @@ from ..config import Config, ConfigError, config_to_dict, load_config
 from .builders import build_dataloader, check_amp, check_tasks, resolve_device
 from .checkpoint import CheckpointError, load_model_weights
 
-__all__ = ["add_config_arguments", "config_from_args", "exit_on_user_error", "load_trained_model", "val_loader"]
+__all__ = ["add_config_arguments", "config_from_args", "exit_on_user_error", "load_trained_model",
+           "val_loader"]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,14 +12,16 @@ from torch import Tensor, nn
 
 from ..evaluation import HIGHER_IS_BETTER, DepthMetric, NormalMetric, SegmentationMetric
 
-__all__ = ["PRIMARY_METRICS", "build_metrics", "evaluate", "evaluate_model", "primary_score", "scalar_metrics"]
+__all__ = ["PRIMARY_METRICS", "build_metrics", "evaluate", "evaluate_model", "primary_score",
+           "scalar_metrics"]
 
 #: The metric each task is judged by when picking ``best.pth`` (see ``primary_score``).
 PRIMARY_METRICS = {"seg": "seg/mIoU", "depth": "depth/abs_err", "normal": "normal/mean"}
 
 
 def build_metrics(tasks: Sequence[str], num_classes: int, ignore_index: int = 255) -> dict:
-    """One metric object per task: ``seg`` SegmentationMetric, ``depth`` DepthMetric, ``normal`` NormalMetric."""
+    """One metric object per task: ``seg`` SegmentationMetric, ``depth`` DepthMetric, ``normal``
+    NormalMetric."""
     table = {
         "seg": lambda: SegmentationMetric(num_classes, ignore_index),
         "depth": DepthMetric,
@@ -91,7 +93,8 @@ def evaluate_model(model: nn.Module, loader: Iterable[dict], tasks: Sequence[str
 
 def scalar_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
     """The entries of a metrics dict that are plain numbers (drops lists and nested values)."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def primary_score(metrics: Mapping[str, float], tasks: Sequence[str]) -> float:

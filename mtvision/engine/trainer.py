@@ -6,7 +6,9 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator, Optional
@@ -151,7 +153,7 @@ class Trainer:
         task_losses = self.loss_fn.task_losses(outputs, batch)
         losses = self.loss_fn.combine(task_losses, self.task_weights(task_losses.detach()))
         total = losses["total"]
-        values = {k: float(v.detach()) for k, v in losses.items()}
+        values = dict(zip(losses, torch.stack(list(losses.values())).detach().tolist()))  # one device sync
         self.optimizer.zero_grad(set_to_none=True)
         skipped = not math.isfinite(values["total"])
         if not skipped:
@@ -172,7 +174,11 @@ class Trainer:
                 self.logger.warning(
                     "iter %d: non-finite loss or gradient (%s); step skipped (%d so far)", self.iteration + 1,
                     ", ".join(f"{k} {v:.4g}" for k, v in values.items()), self.skipped_steps)
-        self.scheduler.step()  # the schedule follows iterations, taken or skipped
+        with warnings.catch_warnings():
+            # The schedule follows iterations, taken or skipped; a skipped first step makes torch warn
+            # that the scheduler stepped before the optimizer, which is intended here.
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            self.scheduler.step()
         self.iteration += 1
         values["skipped"] = int(skipped)
         return values
@@ -221,7 +227,8 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         self.logger.info("work dir %s; device %s; amp %s; torch %s; %d threads", self.work_dir, self.device,
                          self.amp, torch.__version__, torch.get_num_threads())
-        self.logger.info("model: %s backbone, tasks %s, %.2fM parameters; train %d / val %d samples, batch %d",
+        self.logger.info("model: %s backbone, tasks %s, %.2fM parameters; train %d / val %d samples, "
+                         "batch %d",
                          self.cfg.model.backbone.get("name"), self.tasks, n_params / 1e6, len(self.train_set),
                          len(self.val_set), self.cfg.data.batch_size)
 
@@ -282,7 +289,8 @@ class Trainer:
                     self.save("last")
         except KeyboardInterrupt:
             if self.is_main and self.logger is not None:
-                self.logger.warning("interrupted at iteration %d; saving checkpoints/last.pth", self.iteration)
+                self.logger.warning("interrupted at iteration %d; saving checkpoints/last.pth",
+                                    self.iteration)
                 self.save("last")
             raise
         finally:
@@ -303,14 +311,13 @@ class Trainer:
         self._last_log_iter = self.iteration
         lr = self.optimizer.param_groups[-1]["lr"]
         self.writer.add_scalars("train", {f"loss/{k}": v for k, v in means.items()}, self.iteration)
-        self.writer.add_scalars("train", {"lr": lr, "skipped_steps": self.skipped_steps,
-                                          "ms_per_iter": elapsed / max(steps, 1) * 1e3,
-                                          "data_ms_per_iter": data_time / max(steps, 1) * 1e3}, self.iteration)
+        ms, data_ms = elapsed / max(steps, 1) * 1e3, data_time / max(steps, 1) * 1e3
+        self.writer.add_scalars("train", {"lr": lr, "skipped_steps": self.skipped_steps, "ms_per_iter": ms,
+                                          "data_ms_per_iter": data_ms}, self.iteration)
         losses = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "total")
         self.logger.info("iter %d/%d  epoch %d  lr %.3g  loss %.4f (%s)  %.0f ms/it (data %.0f)  skipped %d",
-                         self.iteration, self.cfg.train.max_iters, self.epoch, lr, means.get("total", math.nan),
-                         losses, elapsed / max(steps, 1) * 1e3, data_time / max(steps, 1) * 1e3,
-                         self.skipped_steps)
+                         self.iteration, self.cfg.train.max_iters, self.epoch, lr,
+                         means.get("total", math.nan), losses, ms, data_ms, self.skipped_steps)
 
     def _finish(self, train_seconds: float) -> None:
         if not self.is_main:

@@ -40,7 +40,8 @@ class DenseMultiTaskLoss(nn.Module):
             raise ValueError("DenseMultiTaskLoss: at least one task is required")
         for t in tasks:
             if t not in DENSE_TASKS:
-                raise ValueError(f"DenseMultiTaskLoss: unknown task {t!r} (dense tasks: {', '.join(DENSE_TASKS)})")
+                raise ValueError(f"DenseMultiTaskLoss: unknown task {t!r} "
+                                 f"(dense tasks: {', '.join(DENSE_TASKS)})")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"DenseMultiTaskLoss: duplicate task in {tasks}")
         weights = dict(weights or {})
@@ -65,10 +66,16 @@ class DenseMultiTaskLoss(nn.Module):
         for t in DENSE_TASKS:
             if t in self.tasks:
                 if t not in outputs:
-                    raise KeyError(f"DenseMultiTaskLoss: model outputs lack task {t!r} (got {sorted(outputs)})")
+                    raise KeyError(f"DenseMultiTaskLoss: model outputs lack task {t!r} "
+                                   f"(got {sorted(outputs)})")
                 if t not in batch:
                     raise KeyError(f"DenseMultiTaskLoss: batch lacks the {t!r} target (got {sorted(batch)})")
-                args += [outputs[t], batch[t]]
+                pred = outputs[t]
+                if pred.device.type == "cpu" and pred.dtype in (torch.float16, torch.bfloat16):
+                    # The CPU kernels take float32/float64 only (CPU autocast gives bfloat16 maps);
+                    # they accumulate in float32 anyway, so upcasting loses nothing.
+                    pred = pred.float()
+                args += [pred, batch[t]]
             else:
                 args += [None, None]
         losses = fused_dense_loss(*args, ignore_index=self.ignore_index)

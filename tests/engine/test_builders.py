@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mtvision.config import ConfigError, ScheduleConfig, apply_overrides
+from mtvision.config import ConfigError, ScheduleConfig, apply_overrides, config_to_dict
 from mtvision.data.builders import VAL_SEED_OFFSET, build_dataset
 from mtvision.engine.builders import (
     LRLambda,
@@ -17,7 +17,6 @@ from mtvision.engine.builders import (
     check_tasks,
 )
 from mtvision.models import build_model
-from mtvision.config import config_to_dict
 
 from .helpers import tiny_config
 
@@ -35,8 +34,8 @@ def test_lr_lambda_warmup_then_cosine_poly_constant():
 
 
 def test_scheduler_is_per_iteration_and_follows_backbone_multiplier(tmp_path):
-    cfg = tiny_config(tmp_path, ["optimizer.lr=0.01", "optimizer.backbone_lr_mult=0.1", "schedule.name=cosine",
-                                 "schedule.warmup_iters=0"])
+    cfg = tiny_config(tmp_path, ["optimizer.lr=0.01", "optimizer.backbone_lr_mult=0.1",
+                                 "schedule.name=cosine", "schedule.warmup_iters=0"])
     model = build_model(config_to_dict(cfg.model))
     opt = build_optimizer(model, cfg.optimizer)
     sched = build_scheduler(opt, cfg.schedule, max_iters=4)

@@ -12,8 +12,8 @@ from mtvision.engine.visualize import (LABEL_HEIGHT, PALETTE, colorize_depth, co
 
 
 def _batches():
-    # Two batches of 1x2x2 maps: classes 0,0,1,255 and 0,2,2,2 -> majority 2 (4 of 7 valid pixels).
-    seg = [torch.tensor([[[0, 0], [1, 255]]]), torch.tensor([[[0, 2], [2, 2]]])]
+    # Two batches of 1x2x2 maps: classes 0,0,1,255 and 2,2,2,2 -> majority 2 (4 of 7 valid pixels).
+    seg = [torch.tensor([[[0, 0], [1, 255]]]), torch.tensor([[[2, 2], [2, 2]]])]
     depth = [torch.tensor([[[[1.0, 2.0], [0.0, 3.0]]]]), torch.tensor([[[[4.0, 0.0], [0.0, 0.0]]]])]
     normal = [torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)]
     normal[0][0, 2] = -1.0  # facing the camera
@@ -30,15 +30,16 @@ def test_trivial_baseline_statistics_and_metrics():
     assert pred.mean_normal == pytest.approx(tuple(expected_normal))
 
     metrics, _ = trivial_baseline(_batches(), _batches(), ["seg", "depth", "normal"], num_classes=3)
-    # seg: predict 2 everywhere -> 3 of 7 valid pixels right; IoU(2) = 3/7, IoU(0) = IoU(1) = 0.
-    assert metrics["seg/pixAcc"] == pytest.approx(3 / 7 * 100)
-    assert metrics["seg/mIoU"] == pytest.approx(3 / 7 * 100 / 3)
+    # seg: predict 2 everywhere -> 4 of 7 valid pixels right; IoU(2) = 4/7, IoU(0) = IoU(1) = 0.
+    assert metrics["seg/pixAcc"] == pytest.approx(4 / 7 * 100)
+    assert metrics["seg/mIoU"] == pytest.approx(4 / 7 * 100 / 3)
     assert metrics["depth/abs_err"] == pytest.approx((1.5 + 0.5 + 0.5 + 1.5) / 4)
 
 
 def test_evaluate_is_independent_of_batching():
     g = torch.Generator().manual_seed(0)
-    samples = [{"image": torch.randn(1, 3, 4, 5, generator=g), "seg": torch.randint(0, 3, (1, 4, 5), generator=g),
+    samples = [{"image": torch.randn(1, 3, 4, 5, generator=g),
+                "seg": torch.randint(0, 3, (1, 4, 5), generator=g),
                 "depth": torch.rand(1, 1, 4, 5, generator=g) + 0.5,
                 "normal": torch.nn.functional.normalize(torch.randn(1, 3, 4, 5, generator=g), dim=1)}
                for _ in range(6)]
@@ -69,7 +70,8 @@ def test_primary_score_ranks_by_geometric_mean_of_ratios():
 
 
 def test_trivial_predictor_shapes():
-    out = TrivialPredictor(4, majority_class=3, mean_depth=2.0, mean_normal=(0.0, 0.0, -1.0))(torch.zeros(2, 3, 5, 6))
+    predictor = TrivialPredictor(4, majority_class=3, mean_depth=2.0, mean_normal=(0.0, 0.0, -1.0))
+    out = predictor(torch.zeros(2, 3, 5, 6))
     assert out["seg"].shape == (2, 4, 5, 6) and bool((out["seg"].argmax(1) == 3).all())
     assert out["depth"].shape == (2, 1, 5, 6) and bool((out["depth"] == 2.0).all())
     assert out["normal"].shape == (2, 3, 5, 6)

@@ -32,7 +32,8 @@ def test_equals_reference_per_task_and_weighted_total():
     for i, task in enumerate(["seg", "depth", "normal"]):
         torch.testing.assert_close(loss[task], ref[i], rtol=1e-5, atol=1e-6)
         assert loss[task].dtype == torch.float32 and loss[task].dim() == 0
-    torch.testing.assert_close(loss["total"], 0.5 * ref[0] + 2.0 * ref[1] + 1.0 * ref[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss["total"], 0.5 * ref[0] + 2.0 * ref[1] + 1.0 * ref[2],
+                               rtol=1e-5, atol=1e-6)
 
     grads = torch.autograd.grad(loss["total"], list(outputs.values()))
     ref_total = 0.5 * ref[0] + 2.0 * ref[1] + ref[2]

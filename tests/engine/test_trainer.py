@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mtvision.config import ConfigError
+from mtvision.config import ConfigError, load_config
 from mtvision.engine import Trainer, primary_score
 from mtvision.engine.checkpoint import load_checkpoint
 
@@ -58,6 +58,7 @@ def test_train_writes_work_dir_and_checkpoints_load_weights_only(tmp_path):
     for name in ("config.yaml", "train.log", "metrics.json", "checkpoints/last.pth", "checkpoints/best.pth"):
         assert (work / name).is_file(), name
     assert any((work / "tb").glob("events.out.tfevents.*"))
+    assert load_config(work / "config.yaml") == cfg
     for key in ("seg/mIoU", "seg/pixAcc", "seg/IoU/floor", "depth/abs_err", "depth/rel_err", "normal/mean",
                 "normal/median"):
         assert math.isfinite(final[key]), key
@@ -75,7 +76,8 @@ def test_train_writes_work_dir_and_checkpoints_load_weights_only(tmp_path):
     assert summary["iteration"] == 4 and summary["skipped_steps"] == 0
     assert [h["iteration"] for h in summary["history"]] == [2, 4]
     assert summary["final"]["seg/mIoU"] == pytest.approx(final["seg/mIoU"])
-    assert summary["best"]["score"] == pytest.approx(max(primary_score(h, trainer.tasks) for h in summary["history"]))
+    best_score = max(primary_score(h, trainer.tasks) for h in summary["history"])
+    assert summary["best"]["score"] == pytest.approx(best_score)
     log = (work / "train.log").read_text()
     assert "iter 4/4" in log and "eval @ 2" in log
 
@@ -108,3 +110,11 @@ def test_single_task_config_trains(tmp_path):
 def test_bad_balancer_fails_before_building_anything(tmp_path):
     with pytest.raises(ConfigError, match="balancer.name: 'mgda' is not available yet"):
         Trainer(tiny_config(tmp_path, ["balancer.name=mgda"]), console=False, progress=False)
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, ["train.amp=bf16"]), console=False, progress=False)
+    batch = next(iter(trainer.train_loader))
+    values = [trainer.train_step(batch) for _ in range(2)]
+    assert all(v["skipped"] == 0 and math.isfinite(v["total"]) for v in values)
+    assert math.isfinite(trainer.evaluate()["seg/mIoU"])
