@@ -27,7 +27,16 @@ struct FusedLossInputs {
   bool has_seg = false, has_depth = false, has_normal = false;
   at::Tensor seg_logits, seg_target, depth_pred, depth_target, normal_pred, normal_target;
   PixelView seg, seg_t, depth, depth_t, normal, normal_t;
+
+  // The first prediction given (seg, else depth, else normal): device and options of the outputs.
+  const at::Tensor& first_prediction() const {
+    return has_seg ? seg_logits : (has_depth ? depth_pred : normal_pred);
+  }
 };
+
+// Accumulation type of the kernels: float32 for float32/float16/bfloat16 inputs, float64 for float64.
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
 
 FusedLossInputs check_fused_loss_inputs(
     const c10::optional<at::Tensor>& seg_logits, const c10::optional<at::Tensor>& seg_target,
@@ -56,6 +65,9 @@ FusedLossGrads fused_dense_loss_backward_cpu(
     const c10::optional<at::Tensor>& depth_pred, const c10::optional<at::Tensor>& depth_target,
     const c10::optional<at::Tensor>& normal_pred, const c10::optional<at::Tensor>& normal_target,
     int64_t ignore_index);
+
+// Checks the backward's grad_losses [3] and counts [3].
+void check_backward_inputs(const at::Tensor& grad_losses, const at::Tensor& counts);
 
 // Per-task factor of the backward: grad_losses[t] / max(counts[t], 1), as doubles on the host
 // (grad_losses and counts are tiny; on CUDA the kernels read them on the device instead).

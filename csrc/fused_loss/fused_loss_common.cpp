@@ -104,4 +104,10 @@ FusedLossInputs check_fused_loss_inputs(
   return in;
 }
 
+void check_backward_inputs(const at::Tensor& grad_losses, const at::Tensor& counts) {
+  TORCH_CHECK(grad_losses.numel() == 3 && counts.numel() == 3,
+              "fused_dense_loss_backward: grad_losses and counts must have 3 entries, got ",
+              grad_losses.numel(), " and ", counts.numel());
+}
+
 }  // namespace mtvision

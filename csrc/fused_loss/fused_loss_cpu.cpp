@@ -52,8 +52,6 @@ inline float exp_approx(float x) {
 }
 inline double exp_approx(double x) { return std::exp(x); }
 
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
 
 // Per-block partial sums, one slot per block, reduced in block order.
 struct Partials {
@@ -288,8 +286,7 @@ void dispatch_unit_stride(bool unit, Fn fn) {
 }  // namespace
 
 std::array<double, 3> backward_scales(const at::Tensor& grad_losses, const at::Tensor& counts) {
-  TORCH_CHECK(grad_losses.numel() == 3 && counts.numel() == 3,
-              "fused_dense_loss_backward: grad_losses and counts must have 3 entries");
+  check_backward_inputs(grad_losses, counts);
   const at::Tensor gl = grad_losses.to(at::kCPU, at::kDouble).contiguous();
   const at::Tensor cn = counts.to(at::kCPU, at::kLong).contiguous();
   std::array<double, 3> k{};
@@ -305,7 +302,7 @@ FusedLossOutputs fused_dense_loss_forward_cpu(
     int64_t ignore_index) {
   const FusedLossInputs in = check_fused_loss_inputs(seg_logits, seg_target, depth_pred,
                                                      depth_target, normal_pred, normal_target);
-  const at::Tensor& any = in.has_seg ? in.seg_logits : (in.has_depth ? in.depth_pred : in.normal_pred);
+  const at::Tensor& any = in.first_prediction();
   double sums[3] = {0, 0, 0};
   int64_t counts[3] = {0, 0, 0};
   at::Tensor lse = at::empty({0}, any.options().dtype(at::kFloat));
@@ -355,7 +352,7 @@ FusedLossGrads fused_dense_loss_backward_cpu(
   const FusedLossInputs in = check_fused_loss_inputs(seg_logits, seg_target, depth_pred,
                                                      depth_target, normal_pred, normal_target);
   const std::array<double, 3> k = backward_scales(grad_losses, counts);
-  const at::Tensor& any = in.has_seg ? in.seg_logits : (in.has_depth ? in.depth_pred : in.normal_pred);
+  const at::Tensor& any = in.first_prediction();
   at::Tensor out[3];
   if (in.has_seg) {
     TORCH_CHECK(seg_lse.numel() == in.seg.B * in.seg.P && seg_lse.is_contiguous(),

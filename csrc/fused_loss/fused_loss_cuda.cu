@@ -21,8 +21,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
 
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
@@ -275,7 +273,7 @@ Task<T> make_task(const at::Tensor& pred, const at::Tensor& target, const PixelV
 }
 
 at::ScalarType common_dtype(const FusedLossInputs& in) {
-  const at::Tensor& any = in.has_seg ? in.seg_logits : (in.has_depth ? in.depth_pred : in.normal_pred);
+  const at::Tensor& any = in.first_prediction();
   for (const at::Tensor* t : {&in.seg_logits, &in.depth_pred, &in.normal_pred}) {
     TORCH_CHECK(!t->defined() || t->scalar_type() == any.scalar_type(),
                 "fused_dense_loss (CUDA): all predictions must share one dtype, got ",
@@ -312,7 +310,7 @@ FusedLossOutputs fused_dense_loss_forward_cuda(
   const FusedLossInputs in = check_fused_loss_inputs(seg_logits, seg_target, depth_pred,
                                                      depth_target, normal_pred, normal_target);
   const at::ScalarType dtype = common_dtype(in);
-  const at::Tensor& any = in.has_seg ? in.seg_logits : (in.has_depth ? in.depth_pred : in.normal_pred);
+  const at::Tensor& any = in.first_prediction();
   const c10::cuda::CUDAGuard guard(any.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -352,10 +350,9 @@ FusedLossGrads fused_dense_loss_backward_cuda(
     int64_t ignore_index) {
   const FusedLossInputs in = check_fused_loss_inputs(seg_logits, seg_target, depth_pred,
                                                      depth_target, normal_pred, normal_target);
-  TORCH_CHECK(grad_losses.numel() == 3 && counts.numel() == 3,
-              "fused_dense_loss_backward: grad_losses and counts must have 3 entries");
+  check_backward_inputs(grad_losses, counts);
   const at::ScalarType dtype = common_dtype(in);
-  const at::Tensor& any = in.has_seg ? in.seg_logits : (in.has_depth ? in.depth_pred : in.normal_pred);
+  const at::Tensor& any = in.first_prediction();
   const c10::cuda::CUDAGuard guard(any.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor gl = grad_losses.to(any.device(), dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();

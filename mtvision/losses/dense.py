@@ -70,12 +70,7 @@ class DenseMultiTaskLoss(nn.Module):
                                    f"(got {sorted(outputs)})")
                 if t not in batch:
                     raise KeyError(f"DenseMultiTaskLoss: batch lacks the {t!r} target (got {sorted(batch)})")
-                pred = outputs[t]
-                if pred.device.type == "cpu" and pred.dtype in (torch.float16, torch.bfloat16):
-                    # The CPU kernels take float32/float64 only (CPU autocast gives bfloat16 maps);
-                    # they accumulate in float32 anyway, so upcasting loses nothing.
-                    pred = pred.float()
-                args += [pred, batch[t]]
+                args += [outputs[t], batch[t]]
             else:
                 args += [None, None]
         losses = fused_dense_loss(*args, ignore_index=self.ignore_index)

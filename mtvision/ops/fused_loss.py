@@ -42,6 +42,10 @@ def fused_dense_loss(
     dtype = preds[0].dtype
     for p in preds[1:]:
         dtype = torch.promote_types(dtype, p.dtype)
+    if preds[0].device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        # The CPU kernels take float32/float64 (CPU autocast gives bfloat16 maps); they accumulate
+        # in float32 anyway, so the upcast changes no result.
+        dtype = torch.float32
     cast = [None if p is None else p.to(dtype) for p in (seg_logits, depth_pred, normal_pred)]
     seg_logits, depth_pred, normal_pred = cast
     if depth_target is not None:

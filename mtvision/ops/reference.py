@@ -33,3 +33,30 @@ def fused_dense_loss(seg_logits: Tensor | None, seg_target: Tensor | None,
         cos = (F.normalize(normal_pred.to(out_dtype), dim=1, eps=1e-12) * target).sum(1)
         losses[2] = ((1 - cos) * valid).sum() / valid.sum().clamp_min(1)
     return torch.stack(losses)
+
+
+def _as_chunks(grads):
+    return [grads] if isinstance(grads, Tensor) else list(grads)
+
+
+def gram_matrix(grads: Tensor | list[Tensor]) -> Tensor:
+    """Gramian ``G[s,t] = <g_s, g_t>`` of T per-task gradients, ``[T,T]``: ``grads`` is ``[T,P]`` or
+    a list of ``[T,...]`` chunks (one per parameter) whose flattened concatenation is ``[T,P]``.
+    Accumulated in float64 here (the reference); float32 for float32 inputs in the op."""
+    chunks = _as_chunks(grads)
+    if not chunks:
+        raise ValueError("gram_matrix: no gradients given")
+    T = chunks[0].shape[0]
+    gram = torch.zeros(T, T, dtype=torch.float64, device=chunks[0].device)
+    for c in chunks:
+        flat = c.reshape(T, -1).double()
+        gram += flat @ flat.T
+    return gram
+
+
+def weighted_sum(grads: Tensor | list[Tensor], weights: Tensor) -> Tensor | list[Tensor]:
+    """``sum_t weights[t] * grads[t]``: ``[P]`` for ``[T,P]`` grads, or a list of ``[...]`` chunks for a
+    list of ``[T,...]`` chunks, each in its chunk's dtype."""
+    w = weights.double()
+    out = [torch.tensordot(w.to(c.device), c.double(), dims=1).to(c.dtype) for c in _as_chunks(grads)]
+    return out[0] if isinstance(grads, Tensor) else out

@@ -235,6 +235,16 @@ def test_bad_inputs_fail_with_clear_messages():
         fused_dense_loss(None, None, None, None, None, None)
 
 
+def test_half_precision_on_cpu_is_computed_in_float32():
+    inputs = make_inputs(dtype=torch.bfloat16)
+    out = fused_dense_loss(*inputs)
+    assert out.dtype == torch.float32
+    ref = reference.fused_dense_loss(*[t.double() if t.is_floating_point() else t for t in inputs])
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    _, grads = losses_and_grads(fused_dense_loss, inputs, torch.ones(3, dtype=torch.float64))
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3
+
+
 def test_mixed_dtypes_are_promoted():
     inputs = make_inputs(dtype=torch.float32)
     inputs[2] = inputs[2].double()
