@@ -1,0 +1,252 @@
+"""Small solvers on a T×T Gramian, in PyTorch, for the gradient-aggregation methods.
+
+Every solver runs a fixed number of iterations on device tensors (no ``.item()``, no branch on a
+tensor value), so the whole weight computation can be queued behind the backward passes without a
+host synchronisation. They work in float64 whatever the input dtype (T ≤ ~50, so this costs nothing)
+and accept a positive *semi*-definite matrix: duplicated, collinear and zero task gradients are
+handled without a regularisation that would move the solution.
+
+- :func:`nnls_gram` — ``min_{x >= 0} ½ xᵀQx − qᵀx`` (Lawson–Hanson active set, batched right-hand
+  sides). The two QPs of the methods reduce to it: the min-norm point of a convex hull (MGDA) and the
+  projection onto the dual cone of the task gradients (UPGrad).
+- :func:`min_norm_simplex` / :func:`min_norm_simplex_fw` — ``argmin_{α ∈ Δ} αᵀGα``, exactly (active set)
+  or with the Frank–Wolfe iterations of Sener & Koltun's Algorithm 2.
+- :func:`dual_cone_weights` — ``argmin_{v >= u} vᵀGv`` for each row ``u`` of ``U`` (Quinton & Rey 2024,
+  Proposition 1).
+- :func:`project_simplex` — Euclidean projection of the rows of a matrix onto the probability simplex.
+- :func:`simplex_newton` — projected Newton on the simplex for a smooth convex function, with a
+  line search evaluated for all step sizes at once (CAGrad's dual).
+- :func:`nash_bargaining` — the positive solution of ``G w = 1/w`` (Nash-MTL) by damped Newton.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "nnls_gram",
+    "min_norm_simplex",
+    "min_norm_simplex_fw",
+    "dual_cone_weights",
+    "project_simplex",
+    "simplex_newton",
+    "nash_bargaining",
+]
+
+_TINY = 1e-300
+
+
+def _sym64(gram: Tensor) -> Tensor:
+    g = gram.detach().to(torch.float64)
+    return 0.5 * (g + g.transpose(-1, -2))
+
+
+def nnls_gram(Q: Tensor, q: Tensor, max_iter: int | None = None, tol: float = 1e-10) -> Tensor:
+    """Solve ``min_{x >= 0} ½ xᵀ Q x − qᵀ x`` for each row of ``q``.
+
+    ``Q`` [T,T] symmetric positive semi-definite, ``q`` [B,T] (or [T]); returns x with q's shape, float64.
+    This is Lawson & Hanson's NNLS active-set method written on the normal equations
+    (``Q = AᵀA``, ``q = Aᵀb``): the passive set only ever holds linearly independent columns of A,
+    so the sub-systems stay non-singular even when Q is singular. Each iteration is either an outer
+    step (free the variable with the largest negative gradient, solve on the passive set) or an inner
+    step (move to the boundary, drop the variables that hit zero, solve again); rows that have
+    converged stop changing. ``max_iter`` defaults to ``3T + 10``, more than the method needs in
+    practice (it usually ends after about as many outer steps as the solution has positive entries);
+    an exhausted budget still returns a feasible point with a lower objective than 0.
+    """
+    Q = _sym64(Q)
+    squeeze = q.dim() == 1
+    q = q.detach().to(torch.float64).reshape(-1, Q.shape[0])
+    B, T = q.shape
+    if max_iter is None:
+        max_iter = 3 * T + 10
+    dev = Q.device
+    scale = Q.diagonal().abs().amax().clamp_min(_TINY)
+    # The passive set is independent in exact arithmetic; the ridge only keeps rounding from
+    # producing inf when two columns are equal to the last bit.
+    ridge = 1e-13 * scale
+    thr = (tol * (scale + q.abs().amax(-1))).clamp_min(_TINY)  # [B]
+    idx = torch.arange(T, device=dev)
+
+    x = q.new_zeros(B, T)
+    P = torch.zeros(B, T, dtype=torch.bool, device=dev)
+    inner = torch.zeros(B, dtype=torch.bool, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for _ in range(max_iter):
+        w = q - x @ Q  # minus the gradient
+        wmax, j = w.masked_fill(P, float("-inf")).max(-1)
+        add = ~inner & ~done & (wmax > thr)
+        new = add[:, None] & (idx[None, :] == j[:, None])
+        P1 = P | new
+        both = P1[:, :, None] & P1[:, None, :]
+        M = torch.where(both, Q, 0.0) + torch.diag_embed(torch.where(P1, ridge, 1.0))
+        z = torch.linalg.solve_ex(M, torch.where(P1, q, 0.0))[0]
+        z = torch.where(P1, z, 0.0)
+        neg = P1 & (z <= 0)
+        feasible = ~neg.any(-1)
+        # A freed variable that comes back non-positive means w_j > 0 was rounding noise: stop there
+        # instead of cycling (Lawson & Hanson's safeguard).
+        bad = add & (torch.where(new, z, 1.0) <= 0).any(-1)
+        done = done | bad
+        act = (inner | add) & ~bad
+        ratio = torch.where(neg, x / (x - z).clamp_min(_TINY), float("inf"))
+        step, k = ratio.min(-1)
+        step = step.clamp(max=1.0)
+        xs = x + step[:, None] * (z - x)
+        keep = P1 & (xs > 1e-15 * xs.abs().amax(-1, keepdim=True)) & (idx[None, :] != k[:, None])
+        P_new = torch.where(feasible[:, None], P1, keep)
+        x_new = torch.where(P_new, torch.where(feasible[:, None], z, xs), 0.0)
+        x = torch.where(act[:, None], x_new, x)
+        P = torch.where(act[:, None], P_new, P)
+        inner = torch.where(act, ~feasible, inner)
+    return x.reshape(T) if squeeze else x
+
+
+def _normalised(G: Tensor) -> Tensor:
+    """G divided by its largest diagonal entry (left as is when that is 0): the simplex problems are
+    scale-invariant, and the tolerances of the solvers are then relative."""
+    s = G.diagonal().amax()
+    return G / torch.where(s > 0, s, torch.ones_like(s))
+
+
+def min_norm_simplex(gram: Tensor, max_iter: int | None = None) -> Tensor:
+    """``argmin_{α ∈ Δ} αᵀ G α`` [T] float64: the weights of the min-norm point of the convex hull of
+    the task gradients. Exact (active set): with ``A = [J; 1ᵀ]`` and ``b = (0, 1)``,
+    ``λ = argmin_{λ >= 0} ||Aλ − b||²`` satisfies ``λ / Σλ = α`` (the least-distance-programming
+    reduction of Lawson & Hanson, ch. 23), which :func:`nnls_gram` solves with ``Q = G + 11ᵀ``.
+    For several minimisers (duplicated gradients) one of them is returned; the point ``Jᵀα`` is unique.
+    """
+    G = _normalised(_sym64(gram))
+    T = G.shape[0]
+    lam = nnls_gram(G + 1.0, torch.ones(T, dtype=G.dtype, device=G.device), max_iter=max_iter)
+    return lam / lam.sum().clamp_min(_TINY)
+
+
+def min_norm_simplex_fw(gram: Tensor, iters: int = 250) -> Tensor:
+    """Frank–Wolfe for ``argmin_{α ∈ Δ} αᵀ G α`` (Sener & Koltun 2018, Algorithm 2, with the exact
+    line search of their Algorithm 1), started as in the authors' ``find_min_norm_element_FW`` from the
+    best pair of tasks; ``iters`` fixed iterations (the authors' MAX_ITER is 250). Converges as
+    O(1/iters); :func:`min_norm_simplex` is exact and usually cheaper."""
+    G = _normalised(_sym64(gram))
+    T = G.shape[0]
+    eye = torch.eye(T, dtype=G.dtype, device=G.device)
+    if T == 1:
+        return eye[0]
+    d = G.diagonal()
+    gii, gjj = d[:, None], d[None, :]
+    den = gii + gjj - 2 * G
+    gamma = torch.where(den > 0, (gjj - G) / den.clamp_min(_TINY), 1.0).clamp(0.0, 1.0)  # weight of i
+    cost = gamma**2 * gii + 2 * gamma * (1 - gamma) * G + (1 - gamma) ** 2 * gjj
+    cost = cost.masked_fill(eye.bool(), float("inf"))
+    flat = cost.reshape(-1).argmin()
+    i, j = flat // T, flat % T
+    g_ij = gamma.reshape(-1)[flat]
+    alpha = g_ij * eye[i] + (1 - g_ij) * eye[j]
+    for _ in range(iters):
+        Ga = G @ alpha
+        t = Ga.argmin()
+        v1v1 = alpha @ Ga
+        v1v2 = Ga[t]
+        v2v2 = d[t]
+        den = v1v1 + v2v2 - 2 * v1v2
+        g = torch.where(den > 0, (v1v1 - v1v2) / den.clamp_min(_TINY), 0.0).clamp(0.0, 1.0)
+        alpha = (1 - g) * alpha + g * eye[t]
+    return alpha
+
+
+def dual_cone_weights(gram: Tensor, U: Tensor, max_iter: int | None = None) -> Tensor:
+    """For each row ``u`` of ``U`` [B,T], the ``v`` [T] with ``Jᵀv`` the projection of ``Jᵀu`` onto the
+    dual cone ``{x : Jx >= 0}`` of the task gradients: ``v = argmin_{v >= u} vᵀGv`` (Quinton & Rey
+    2024, Prop. 1), solved as ``v = u + x``, ``x = argmin_{x >= 0} ½xᵀGx + (Gu)ᵀx``. Returns [B,T]
+    float64."""
+    G = _sym64(gram)
+    U = U.detach().to(torch.float64)
+    x = nnls_gram(G, -(U @ G), max_iter=max_iter)
+    return U + x
+
+
+def project_simplex(Y: Tensor) -> Tensor:
+    """Euclidean projection of each row of ``Y`` [K,T] onto the probability simplex (sort-based,
+    Held et al. 1974 / Duchi et al. 2008)."""
+    T = Y.shape[-1]
+    Us = Y.sort(-1, descending=True)[0]
+    css = Us.cumsum(-1) - 1
+    k = torch.arange(1, T + 1, device=Y.device, dtype=Y.dtype)
+    rho = (Us - css / k > 0).sum(-1, keepdim=True)  # >= 1: the first test is always 1 > 0
+    theta = css.gather(-1, rho - 1) / rho.to(Y.dtype)
+    return (Y - theta).clamp_min(0)
+
+
+def simplex_newton(fun: Callable[[Tensor], Tensor], grad_hess: Callable[[Tensor], tuple[Tensor, Tensor]],
+                   w0: Tensor, iters: int = 20, num_steps: int = 10) -> Tensor:
+    """Minimise a smooth convex ``fun`` over the probability simplex, from ``w0`` [T].
+
+    ``fun(W [K,T]) -> [K]``; ``grad_hess(w [T]) -> (g [T], H [T,T])``. Each iteration builds the Newton
+    direction on the free face (coordinates that are positive or whose gradient is below the
+    multiplier estimate ``wᵀg``) with ``Σp = 0``, and a projected-gradient direction; it evaluates
+    ``fun`` at ``proj(w + t p)`` for ``num_steps`` halvings of t and at ``proj(w − η g)`` for as many
+    step sizes around ``1/||H||``, all in one batched call, and keeps the best point (or ``w``).
+    The iterates are monotone; once the face is found the steps are Newton steps (quadratic
+    convergence).
+    """
+    w = w0.to(torch.float64)
+    T = w.shape[0]
+    dev, dt = w.device, w.dtype
+    ts = 2.0 ** -torch.arange(num_steps, device=dev, dtype=dt)
+    etas = 4.0 ** torch.arange(-2, num_steps - 2, device=dev, dtype=dt)
+    for _ in range(iters):
+        g, H = grad_hess(w)
+        lam = w @ g
+        free = (w > 1e-12) | (g < lam)
+        ff = free[:, None] & free[None, :]
+        hs = H.diagonal().abs().amax().clamp_min(1e-30)
+        Hf = torch.where(ff, H, 0.0) + torch.diag(torch.where(free, 1e-10 * hs, 1.0))
+        fcol = free.to(dt)
+        K = torch.cat([torch.cat([Hf, fcol[:, None]], 1),
+                       torch.cat([fcol, torch.zeros(1, device=dev, dtype=dt)])[None, :]], 0)
+        rhs = torch.cat([-torch.where(free, g, 0.0), torch.zeros(1, device=dev, dtype=dt)])
+        p = torch.where(free, torch.linalg.solve_ex(K, rhs)[0][:T], 0.0)
+        p = torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0)
+        cand = torch.cat([w[None],
+                          project_simplex(w[None] + ts[:, None] * p[None]),
+                          project_simplex(w[None] - (etas / hs)[:, None] * g[None])], 0)
+        vals = torch.nan_to_num(fun(cand), nan=float("inf"))
+        w = cand[vals.argmin()]
+    return w
+
+
+def nash_bargaining(gram: Tensor, iters: int = 20) -> Tensor:
+    """The positive solution ``w`` [T] float64 of ``G w = 1/w`` (Navon et al. 2022, Nash-MTL).
+
+    It is the minimiser of the strictly convex, self-concordant ``f(w) = ½wᵀGw − Σ log w_i``;
+    damped Newton (step ``1/(1+λ)`` while the Newton decrement λ >= 1/4, full steps after) stays in
+    the positive orthant and converges quadratically near the solution. Started from ``1/sqrt(G_ii)``
+    rescaled by the exact line minimum along that ray. Tasks with a zero gradient (``G_ii`` = 0
+    relative to the largest) have no solution (any weight works): they get weight 0, and the other
+    tasks are solved alone. When no solution exists (a positive combination of the gradients is 0,
+    e.g. two opposite gradients) f is unbounded below and the fixed iterations return a finite point
+    of decreasing f, not a solution.
+    """
+    G = _sym64(gram)
+    T = G.shape[0]
+    s = G.diagonal().amax()
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    Gn = G / s
+    active = Gn.diagonal() > 1e-12
+    both = active[:, None] & active[None, :]
+    # Inactive tasks are decoupled with G_ii = 1 (w_i = 1), then zeroed.
+    Gm = torch.where(both, Gn, 0.0) + torch.diag(torch.where(active, 0.0, 1.0))
+    w = Gm.diagonal().rsqrt()
+    w = w * (T / (w @ Gm @ w).clamp_min(_TINY)).sqrt()
+    for _ in range(iters):
+        grad = Gm @ w - 1.0 / w
+        H = Gm + torch.diag(w ** -2)
+        delta = torch.linalg.solve_ex(H, grad)[0]
+        dec = (grad @ delta).clamp_min(0).sqrt()
+        step = torch.where(dec < 0.25, 1.0, 1.0 / (1.0 + dec))
+        w = (w - step * delta).clamp_min(1e-300)
+    # Back to the original scale: G (w / sqrt(s)) = 1 / (w / sqrt(s)).
+    return torch.where(active, w / s.sqrt(), 0.0)
