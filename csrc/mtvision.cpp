@@ -14,4 +14,9 @@ TORCH_LIBRARY(mtvision, m) {
       "fused_dense_loss_backward(Tensor grad_losses, Tensor counts, Tensor seg_lse, "
       "Tensor? seg_logits, Tensor? seg_target, Tensor? depth_pred, Tensor? depth_target, "
       "Tensor? normal_pred, Tensor? normal_target, int ignore_index) -> (Tensor, Tensor, Tensor)");
+  // Gramian G[s,t] = <g_s, g_t> of T per-task gradients given as [T, ...] chunks (one per parameter,
+  // no concatenation): [T, T], float32 (float64 for float64 gradients).
+  m.def("gram_matrix(Tensor[] grads) -> Tensor");
+  // sum_t weights[t] * grads[t], chunk by chunk: one [...] tensor per [T, ...] chunk, in its dtype.
+  m.def("weighted_sum(Tensor[] grads, Tensor weights) -> Tensor[]");
 }

@@ -3,6 +3,8 @@
 // end: the result is bit-identical whatever the number of threads.
 #include "fused_loss.h"
 
+#include "cpu_simd.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,14 +27,6 @@ namespace mtvision {
 namespace {
 
 constexpr int64_t kBlock = 256;
-
-// The per-block loops are compiled twice on x86-64 (AVX2+FMA and baseline SSE2) and the loader picks
-// the one the CPU runs: 8-wide instead of 4-wide exp/max with no -march flag in the build.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MTV_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define MTV_SIMD_CLONES
-#endif
 
 // exp(x) for float with ~1 ulp error, written without branches or calls so that loops over a block
 // auto-vectorize (std::exp does not). Range reduction x = n ln2 + r, Cephes polynomial for e^r.

@@ -82,17 +82,20 @@ class LossWeighting(nn.Module):
     def __init__(self, num_tasks: int):
         super().__init__()
         if int(num_tasks) != num_tasks or num_tasks < 1:
-            raise ValueError(f"{type(self).__name__}: num_tasks must be a positive integer, got {num_tasks!r}")
+            raise ValueError(f"{type(self).__name__}: num_tasks must be a positive integer, "
+                             f"got {num_tasks!r}")
         self.num_tasks = int(num_tasks)
 
     def _check(self, task_losses: Tensor, what: str = "task_losses") -> None:
         if not isinstance(task_losses, Tensor) or task_losses.shape != (self.num_tasks,):
-            shape = tuple(task_losses.shape) if isinstance(task_losses, Tensor) else type(task_losses).__name__
+            is_tensor = isinstance(task_losses, Tensor)
+            shape = tuple(task_losses.shape) if is_tensor else type(task_losses).__name__
             raise ValueError(f"{type(self).__name__}: {what} must be a tensor of shape [{self.num_tasks}] "
                              f"(one loss per task), got {shape}")
 
     def weights(self, task_losses: Tensor) -> Tensor:
-        """Weights ``[T]`` (float32, detached, on ``task_losses.device``) for this step's ``task_losses [T]``."""
+        """Weights ``[T]`` (float32, detached, on ``task_losses.device``) for this step's
+        ``task_losses [T]``."""
         raise NotImplementedError(f"{type(self).__name__} does not define weights()")
 
     def extra_loss(self, task_losses: Tensor) -> Optional[Tensor]:
@@ -106,7 +109,8 @@ class LossWeighting(nn.Module):
 
     def update(self, task_losses: Tensor, new_task_losses: Optional[Tensor] = None) -> None:
         """Called after the optimiser step with this step's (detached) ``task_losses`` and, when
-        ``requires_new_losses``, the losses of the same batch after the step; the base version does nothing."""
+        ``requires_new_losses``, the losses of the same batch after the step; the base version does
+        nothing."""
         return None
 
     def end_epoch(self) -> None:
@@ -114,7 +118,7 @@ class LossWeighting(nn.Module):
         return None
 
     def forward(self, task_losses: Tensor) -> Tensor:
-        """``sum_t w_t L_t + extra_loss`` for differentiable ``task_losses [T]`` (weights from ``weights``)."""
+        """``sum_t w_t L_t + extra_loss`` for differentiable ``task_losses [T]`` (``w`` from ``weights``)."""
         self._check(task_losses)
         w = self.weights(task_losses.detach())
         total = (w.to(task_losses.dtype) * task_losses).sum()
@@ -138,7 +142,8 @@ class EW(LossWeighting):
         super().__init__(num_tasks)
         values = [1.0] * self.num_tasks if weights is None else [float(w) for w in weights]
         if len(values) != self.num_tasks:
-            raise ValueError(f"EW: weights has {len(values)} entries, expected {self.num_tasks} (one per task)")
+            raise ValueError(f"EW: weights has {len(values)} entries, expected {self.num_tasks} "
+                             "(one per task)")
         if not all(v >= 0.0 and v != float("inf") for v in values):
             raise ValueError(f"EW: weights must be finite and >= 0, got {values}")
         self.register_buffer("static_weights", torch.tensor(values, dtype=torch.float32), persistent=False)
@@ -149,7 +154,7 @@ class EW(LossWeighting):
 
 
 class UW(LossWeighting):
-    """Uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018) with learned log-variances ``s_t = log sigma_t^2``.
+    """Uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018), learned log-variances ``s = log sigma^2``.
 
     Objective: ``sum_t 0.5 * exp(-s_t) * L_t + 0.5 * s_t``, i.e. the paper's regression form
     ``L / (2 sigma^2) + log sigma`` for every task. The 1/2 factors and the initial value ``s_t = -0.5``
@@ -189,7 +194,8 @@ class UW(LossWeighting):
 
 
 class DWA(LossWeighting):
-    """Dynamic Weight Average (Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019).
+    """Dynamic Weight Average (Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention",
+    CVPR 2019).
 
     ``w_t = T * softmax_t(r / temp)`` with ``r_t = Lbar_t(k-1) / Lbar_t(k-2)``, where ``Lbar_t(k)`` is the
     mean training loss of task ``t`` over window ``k`` (an epoch in the paper); equal weights (1.0) during
@@ -294,7 +300,8 @@ class GradNorm(LossWeighting):
         super().__init__(num_tasks)
         if not float(lr) > 0.0:
             raise ValueError(f"GradNorm: lr must be > 0, got {lr!r}")
-        self.alpha, self.lr, self.betas, self.eps = float(alpha), float(lr), tuple(map(float, betas)), float(eps)
+        self.alpha, self.lr, self.eps = float(alpha), float(lr), float(eps)
+        self.betas = (float(betas[0]), float(betas[1]))
         t = self.num_tasks
         self.register_buffer("task_weights", torch.ones(t, dtype=torch.float32))
         self.register_buffer("initial_losses", torch.zeros(t, dtype=torch.float32))
@@ -310,20 +317,22 @@ class GradNorm(LossWeighting):
         return self.task_weights.to(task_losses.device, copy=True)
 
     def grad_norms(self, task_losses: Tensor, shared_parameters: Sequence[Tensor]) -> Tensor:
-        """``||grad_W L_t||_2`` over all of ``shared_parameters`` together, ``[T]`` float32 (graph retained)."""
+        """``||grad_W L_t||_2`` over all ``shared_parameters`` together, ``[T]`` float32 (graph retained)."""
         norms = []
         for t in range(self.num_tasks):
-            grads = torch.autograd.grad(task_losses[t], shared_parameters, retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(task_losses[t], shared_parameters, retain_graph=True,
+                                        allow_unused=True)
             sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
-            norms.append(torch.stack(sq).sum().sqrt() if sq else task_losses.new_zeros((), dtype=torch.float32))
+            zero = task_losses.new_zeros((), dtype=torch.float32)
+            norms.append(torch.stack(sq).sum().sqrt() if sq else zero)
         return torch.stack(norms)
 
     def pre_backward(self, task_losses: Tensor, shared_parameters: Iterable[Tensor]) -> None:
         self._check(task_losses)
         params = list(shared_parameters)
         if not params:
-            raise ValueError("GradNorm.pre_backward: shared_parameters is empty (pass the last shared layer's "
-                             "parameters)")
+            raise ValueError("GradNorm.pre_backward: shared_parameters is empty "
+                             "(pass the last shared layer's parameters)")
         if not task_losses.requires_grad:
             raise ValueError("GradNorm.pre_backward: task_losses carry no graph; pass the differentiable "
                              "losses, before the backward pass")
@@ -390,8 +399,9 @@ class RLW(LossWeighting):
         if state["device_type"] == self.generator.device.type:
             self.generator.set_state(state["state"].cpu())
         else:
-            warnings.warn(f"RLW: the saved generator state is for {state['device_type']!r}, the generator is on "
-                          f"{self.generator.device.type!r}; continuing from the seed instead", stacklevel=3)
+            warnings.warn(f"RLW: the saved generator state is for {state['device_type']!r}, the generator "
+                          f"is on {self.generator.device.type!r}; continuing from the seed instead",
+                          stacklevel=3)
         self._pending_state = None
 
     def weights(self, task_losses: Tensor) -> Tensor:
@@ -460,7 +470,8 @@ class FAMO(LossWeighting):
             raise ValueError(f"FAMO: lr must be > 0, got {lr!r}")
         if not float(gamma) >= 0.0:
             raise ValueError(f"FAMO: gamma must be >= 0, got {gamma!r}")
-        self.gamma, self.lr, self.betas, self.eps = float(gamma), float(lr), tuple(map(float, betas)), float(eps)
+        self.gamma, self.lr, self.eps = float(gamma), float(lr), float(eps)
+        self.betas = (float(betas[0]), float(betas[1]))
         t = self.num_tasks
         mins = torch.zeros(t) if min_losses is None else torch.tensor([float(m) for m in min_losses])
         if mins.shape != (t,):
@@ -484,8 +495,8 @@ class FAMO(LossWeighting):
     def update(self, task_losses: Tensor, new_task_losses: Optional[Tensor] = None) -> None:
         self._check(task_losses)
         if new_task_losses is None:
-            raise ValueError("FAMO.update needs new_task_losses: the losses of the same batch recomputed after "
-                             "the optimiser step")
+            raise ValueError("FAMO.update needs new_task_losses: the losses of the same batch recomputed "
+                             "after the optimiser step")
         self._check(new_task_losses, "new_task_losses")
         delta = self._log_gap(task_losses) - self._log_gap(new_task_losses)
         z = torch.softmax(self.logits, dim=0)

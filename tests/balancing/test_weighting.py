@@ -72,7 +72,8 @@ def _train(bal: LossWeighting, steps=40, scale=(1.0, 1.0), opt="adam", lr=0.02):
 
 
 def _make(name):
-    return {"dwa": lambda: DWA(2, window=5), "rlw": lambda: RLW(2, seed=3)}.get(name, lambda: LOSS_WEIGHTINGS[name](2))()
+    special = {"dwa": lambda: DWA(2, window=5), "rlw": lambda: RLW(2, seed=3)}
+    return special.get(name, lambda: LOSS_WEIGHTINGS[name](2))()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,7 +254,8 @@ def test_famo_update_hand_case():
 
 
 def test_famo_matches_the_authors_update_over_many_steps():
-    # The authors' update (famo.py): Adam(weight_decay=gamma) on logits, grad = autograd of softmax with delta.
+    # The authors' update (famo.py): Adam(weight_decay=gamma) on the logits, gradient = VJP of softmax
+    # with delta.
     g = torch.Generator().manual_seed(0)
     bal = FAMO(3, gamma=0.01, lr=0.025, min_losses=[0.0, 0.1, 0.05])
     w = torch.zeros(3, requires_grad=True)
@@ -289,9 +291,9 @@ def test_adam_step_equals_torch_adam():
 # GradNorm
 
 def _gradnorm_case():
-    # L_1 = 3 p0 + 4 p1 (||grad_p L_1|| = 5), L_2 = p0 (norm 1); both 1.0 at p = (1/3, 0) ... (p0 = 1 for L_2)
+    # L_1 = 3 p0 + 4 p1 - 4 (||grad_p L_1|| = 5) and L_2 = p0 (norm 1), both 1.0 at p = (1, 0.5).
     p = nn.Parameter(torch.tensor([1.0, 0.5]))
-    losses = torch.stack([3 * p[0] + 4 * p[1] - 4.0, p[0]])  # values [1.0, 1.0]
+    losses = torch.stack([3 * p[0] + 4 * p[1] - 4.0, p[0]])
     return p, losses
 
 
@@ -328,8 +330,8 @@ def test_gradnorm_matches_its_definition_over_steps():
         losses = _toy_losses(x, y, shared, heads, scale=(1.0, 0.2))
         if l0 is None:
             l0 = losses.detach()
-        norms = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(losses[t], last, retain_graph=True)]
-                                       ).norm() for t in range(2)])
+        per_task = [torch.autograd.grad(losses[t], last, retain_graph=True) for t in range(2)]
+        norms = torch.stack([torch.cat([g.flatten() for g in grads]).norm() for grads in per_task])
         ratio = losses.detach() / l0
         r = ratio / ratio.mean()
         g = w * norms

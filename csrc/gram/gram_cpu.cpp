@@ -1,0 +1,148 @@
+// CPU kernels of gram_matrix and weighted_sum. Work is split into fixed items of kGramItemColumns
+// columns of one chunk; an item walks its columns in L1-sized tiles and adds each tile's float32 dot
+// products into float64 sums; items are summed in order at the end (thread-count independent).
+#include "gram.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_simd.h"
+
+namespace mtvision {
+namespace {
+
+struct Item {
+  int64_t chunk, begin, end;
+};
+
+std::vector<Item> make_items(const GradChunks& g) {
+  std::vector<Item> items;
+  for (size_t c = 0; c < g.chunks.size(); ++c) {
+    const int64_t n = g.chunks[c].size(1);
+    for (int64_t b = 0; b < n; b += kGramItemColumns)
+      items.push_back({static_cast<int64_t>(c), b, std::min(n, b + kGramItemColumns)});
+  }
+  return items;
+}
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// Dot products of all row pairs s <= t of rows[0..T) over n columns, added to sums[s * T + t].
+template <typename T>
+MTV_SIMD_CLONES void tile_gram(const T* const* rows, int64_t T_, int64_t n, double* sums) {
+  using acc_t = typename Acc<T>::type;
+  for (int64_t s = 0; s < T_; ++s) {
+    const T* __restrict a = rows[s];
+    for (int64_t t = s; t < T_; ++t) {
+      const T* __restrict b = rows[t];
+      acc_t acc = 0;
+      for (int64_t j = 0; j < n; ++j) acc += static_cast<acc_t>(a[j]) * static_cast<acc_t>(b[j]);
+      sums[s * T_ + t] += static_cast<double>(acc);
+    }
+  }
+}
+
+// out[j] = sum_t w[t] * rows[t][j] over n columns.
+template <typename T, typename acc_t = typename Acc<T>::type>
+MTV_SIMD_CLONES void tile_weighted_sum(const T* const* rows, const acc_t* w, int64_t T_, int64_t n,
+                                       T* __restrict out) {
+  constexpr int64_t kTile = 256;
+  acc_t acc[kTile];
+  for (int64_t j0 = 0; j0 < n; j0 += kTile) {
+    const int64_t m = std::min(kTile, n - j0);
+    for (int64_t j = 0; j < m; ++j) acc[j] = 0;
+    for (int64_t t = 0; t < T_; ++t) {
+      const T* __restrict r = rows[t] + j0;
+      const acc_t wt = static_cast<acc_t>(w[t]);
+      for (int64_t j = 0; j < m; ++j) acc[j] += wt * static_cast<acc_t>(r[j]);
+    }
+    for (int64_t j = 0; j < m; ++j) out[j0 + j] = static_cast<T>(acc[j]);
+  }
+}
+
+// Tile width: all T rows of a tile stay in L1 (~16 KiB) while the T(T+1)/2 dot products read them.
+int64_t tile_columns(int64_t T_, int64_t elem_size) {
+  return std::max<int64_t>(64, (16384 / (T_ * elem_size)) / 16 * 16);
+}
+
+}  // namespace
+
+at::Tensor gram_matrix_cpu(at::TensorList grads) {
+  const GradChunks g = check_grad_chunks(grads, "gram_matrix");
+  const int64_t T_ = g.T;
+  const std::vector<Item> items = make_items(g);
+  std::vector<double> partial(items.size() * T_ * T_, 0.0);
+  const auto dtype = g.chunks[0].scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gram_matrix_cpu", [&] {
+    const int64_t tile = tile_columns(T_, sizeof(scalar_t));
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<const scalar_t*> rows(T_);
+      for (int64_t i = begin; i < end; ++i) {
+        const Item& it = items[i];
+        const at::Tensor& chunk = g.chunks[it.chunk];
+        const scalar_t* base = chunk.data_ptr<scalar_t>();
+        const int64_t n = chunk.size(1);
+        for (int64_t j = it.begin; j < it.end; j += tile) {
+          for (int64_t t = 0; t < T_; ++t) rows[t] = base + t * n + j;
+          tile_gram(rows.data(), T_, std::min(tile, it.end - j), partial.data() + i * T_ * T_);
+        }
+      }
+    });
+  });
+  const bool f64 = dtype == at::kDouble;
+  at::Tensor out = at::empty({T_, T_}, g.chunks[0].options().dtype(f64 ? at::kDouble : at::kFloat));
+  for (int64_t s = 0; s < T_; ++s)
+    for (int64_t t = s; t < T_; ++t) {
+      double v = 0;
+      for (size_t i = 0; i < items.size(); ++i) v += partial[i * T_ * T_ + s * T_ + t];
+      if (f64) {
+        out.data_ptr<double>()[s * T_ + t] = out.data_ptr<double>()[t * T_ + s] = v;
+      } else {
+        out.data_ptr<float>()[s * T_ + t] = out.data_ptr<float>()[t * T_ + s] = static_cast<float>(v);
+      }
+    }
+  return out;
+}
+
+std::vector<at::Tensor> weighted_sum_cpu(at::TensorList grads, const at::Tensor& weights) {
+  const GradChunks g = check_grad_chunks(grads, "weighted_sum");
+  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == g.T, "weighted_sum: weights must be [", g.T,
+              "], got shape ", weights.sizes());
+  const bool f64 = g.chunks[0].scalar_type() == at::kDouble;
+  const at::Tensor w = weights.to(at::kCPU, f64 ? at::kDouble : at::kFloat).contiguous();
+  const std::vector<Item> items = make_items(g);
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& c : g.chunks) out.push_back(at::empty({c.size(1)}, c.options()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.chunks[0].scalar_type(), "weighted_sum_cpu", [&] {
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<const scalar_t*> rows(g.T);
+      for (int64_t i = begin; i < end; ++i) {
+        const Item& it = items[i];
+        const at::Tensor& chunk = g.chunks[it.chunk];
+        const int64_t n = chunk.size(1);
+        for (int64_t t = 0; t < g.T; ++t) rows[t] = chunk.data_ptr<scalar_t>() + t * n + it.begin;
+        using acc_t = typename Acc<scalar_t>::type;
+        tile_weighted_sum(rows.data(), w.data_ptr<acc_t>(), g.T, it.end - it.begin,
+                          out[it.chunk].data_ptr<scalar_t>() + it.begin);
+      }
+    });
+  });
+  for (size_t i = 0; i < out.size(); ++i) {
+    std::vector<int64_t> shape(grads[i].sizes().begin() + 1, grads[i].sizes().end());
+    out[i] = out[i].view(shape);
+  }
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(mtvision, CPU, m) {
+  m.impl("gram_matrix", &gram_matrix_cpu);
+  m.impl("weighted_sum", &weighted_sum_cpu);
+}
+
+}  // namespace mtvision
