@@ -150,19 +150,19 @@ def min_norm_simplex_fw(gram: Tensor, iters: int = 250) -> Tensor:
     gamma = torch.where(den > 0, (gjj - G) / den.clamp_min(_TINY), 1.0).clamp(0.0, 1.0)  # weight of i
     cost = gamma**2 * gii + 2 * gamma * (1 - gamma) * G + (1 - gamma) ** 2 * gjj
     cost = cost.masked_fill(eye.bool(), float("inf"))
-    flat = cost.reshape(-1).argmin()
-    i, j = flat // T, flat % T
-    g_ij = gamma.reshape(-1)[flat]
-    alpha = g_ij * eye[i] + (1 - g_ij) * eye[j]
+    # Tensor indices throughout (index_select, not tensor[0-dim]): Python indexing would read them back.
+    flat = cost.reshape(-1).argmin().reshape(1)
+    g_ij = gamma.reshape(-1).index_select(0, flat)
+    alpha = g_ij * eye.index_select(0, flat // T)[0] + (1 - g_ij) * eye.index_select(0, flat % T)[0]
     for _ in range(iters):
         Ga = G @ alpha
-        t = Ga.argmin()
+        t = Ga.argmin().reshape(1)
         v1v1 = alpha @ Ga
-        v1v2 = Ga[t]
-        v2v2 = d[t]
+        v1v2 = Ga.index_select(0, t)
+        v2v2 = d.index_select(0, t)
         den = v1v1 + v2v2 - 2 * v1v2
         g = torch.where(den > 0, (v1v1 - v1v2) / den.clamp_min(_TINY), 0.0).clamp(0.0, 1.0)
-        alpha = (1 - g) * alpha + g * eye[t]
+        alpha = (1 - g) * alpha + g * eye.index_select(0, t)[0]
     return alpha
 
 
@@ -194,10 +194,11 @@ def simplex_newton(fun: Callable[[Tensor], Tensor], grad_hess: Callable[[Tensor]
     """Minimise a smooth convex ``fun`` over the probability simplex, from ``w0`` [T].
 
     ``fun(W [K,T]) -> [K]``; ``grad_hess(w [T]) -> (g [T], H [T,T])``. Each iteration builds the Newton
-    direction on the free face (coordinates that are positive or whose gradient is below the
-    multiplier estimate ``wᵀg``) with ``Σp = 0``, and a projected-gradient direction; it evaluates
-    ``fun`` at ``proj(w + t p)`` for ``num_steps`` halvings of t and at ``proj(w − η g)`` for as many
-    step sizes around ``1/||H||``, all in one batched call, and keeps the best point (or ``w``).
+    direction p on the free face (coordinates that are positive or whose gradient is below the
+    multiplier estimate ``wᵀg``) with ``Σp = 0``; it evaluates ``fun`` at ``w + t p`` for ``num_steps``
+    halvings of ``t`` from ``min(1, t_max)`` (``t_max`` where the ray leaves the simplex), at
+    ``proj(w + t p)`` (which may change the face) and at ``proj(w − η g)`` for as many step sizes
+    around ``1/||H||``, all in one batched call, and keeps the best point (or ``w``).
     The iterates are monotone; once the face is found the steps are Newton steps (quadratic
     convergence).
     """
@@ -219,14 +220,19 @@ def simplex_newton(fun: Callable[[Tensor], Tensor], grad_hess: Callable[[Tensor]
         rhs = torch.cat([-torch.where(free, g, 0.0), torch.zeros(1, device=dev, dtype=dt)])
         p = torch.where(free, torch.linalg.solve_ex(K, rhs)[0][:T], 0.0)
         p = torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0)
+        # Along p (Σp = 0) the simplex ends at t_max; near-flat directions give a huge p, and then
+        # the point on the boundary, not the projection of a far-away point, is the candidate.
+        t_max = torch.where(p < 0, w / (-p).clamp_min(1e-300), float("inf")).amin()
+        ray = w[None] + (torch.clamp(t_max, max=1.0) * ts)[:, None] * p[None]
         cand = torch.cat([w[None],
+                          ray.clamp_min(0) / ray.clamp_min(0).sum(-1, keepdim=True),
                           project_simplex(w[None] + ts[:, None] * p[None]),
                           project_simplex(w[None] - (etas / hs)[:, None] * g[None])], 0)
         vals = torch.nan_to_num(fun(cand), nan=float("inf"))
         best = vals.argmin()
         if _host_visible(best) and int(best) == 0:
             break  # no candidate improves on w: later iterations would repeat this one
-        w = cand[best]
+        w = cand.index_select(0, best.reshape(1))[0]
     return w
 
 

@@ -19,7 +19,7 @@ SHAPES = [(3, 3, 8, 8), (8,), (), (70001,), (5, 300)]  # conv weight, bias, scal
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("T", [1, 2, 3, 7, 10])
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 10, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gram_matches_reference(device, T, dtype):
     for seed in range(2):

@@ -1,0 +1,425 @@
+"""Gradient-aggregation methods, each as T weights computed from the T×T Gramian of the task gradients.
+
+Every method is a class with
+
+- ``weights(gram [T,T], generator=None) -> [T]`` — the task weights, on the Gramian's device, float64
+  for a float64 Gramian and float32 otherwise; computed in float64 from the small matrix alone, with
+  fixed iteration counts and no ``.item()`` (no host synchronisation; the one exception is
+  Aligned-MTL's eigendecomposition, whose error check reads a flag on CUDA);
+- ``aggregate(grads, generator=None) -> [P]`` — ``weighted_sum(grads, weights(gram_matrix(grads)))``,
+  where ``grads`` is ``[T,P]`` or a list of per-parameter ``[T,...]`` chunks (then a list of chunks
+  comes back). So the aggregate is always a combination of the task gradients that were passed.
+
+Which gradients are passed is the caller's choice: per-task gradients of the shared parameters, or of
+the shared representation (the "-UB" variants, e.g. MGDA-UB of Sener & Koltun 2018, are these same
+methods applied to the gradients w.r.t. the encoder output, and the weights then multiply the task
+losses). Nothing here depends on that choice.
+
+Implemented from the papers' definitions; where a paper leaves a choice open the authors' released
+code was followed, as each docstring says.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mtvision.balancing import solvers
+
+__all__ = [
+    "GradientAggregator",
+    "PCGrad",
+    "MGDA",
+    "CAGrad",
+    "NashMTL",
+    "IMTLG",
+    "AlignedMTL",
+    "UPGrad",
+    "AGGREGATORS",
+]
+
+
+def _ops():
+    """``(gram_matrix, weighted_sum)``: the compiled ops of :mod:`mtvision.ops` when it provides them,
+    else their pure-PyTorch twins in :mod:`mtvision.ops.reference` (same signatures)."""
+    import mtvision.ops as ops
+
+    if hasattr(ops, "gram_matrix") and hasattr(ops, "weighted_sum"):
+        return ops.gram_matrix, ops.weighted_sum
+    from mtvision.ops import reference
+
+    return reference.gram_matrix, reference.weighted_sum
+
+
+def _check_gram(gram: Tensor) -> int:
+    if not isinstance(gram, Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        shape = tuple(gram.shape) if isinstance(gram, Tensor) else type(gram).__name__
+        raise ValueError(f"weights: expected a square Gramian [T,T], got {shape}")
+    if gram.shape[0] == 0:
+        raise ValueError("weights: the Gramian has no task (T = 0)")
+    return gram.shape[0]
+
+
+def _out(w: Tensor, gram: Tensor) -> Tensor:
+    dtype = gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float32
+    return w.to(dtype)
+
+
+def _gram64(gram: Tensor) -> Tensor:
+    g = gram.detach().to(torch.float64)
+    return 0.5 * (g + g.T)
+
+
+class GradientAggregator:
+    """Base class: subclasses implement :meth:`weights`."""
+
+    #: True for methods whose weights depend on random draws (they use the ``generator``).
+    stochastic: bool = False
+
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Task weights [T] from the Gramian ``gram`` [T,T] of the task gradients."""
+        raise NotImplementedError
+
+    def aggregate(self, grads: Tensor | Sequence[Tensor],
+                  generator: torch.Generator | None = None) -> Tensor | list[Tensor]:
+        """Aggregated gradient: ``[P]`` for ``grads`` [T,P], or a list of ``[...]`` chunks for a list
+        of ``[T,...]`` chunks."""
+        gram_matrix, weighted_sum = _ops()
+        if not isinstance(grads, Tensor):
+            grads = list(grads)
+        w = self.weights(gram_matrix(grads), generator)
+        return weighted_sum(grads, w)
+
+    __call__ = aggregate
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class PCGrad(GradientAggregator):
+    """PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning"), Algorithm 1.
+
+    For each task i, in a random order of the other tasks j, ``g_i ← g_i − min(g_i·g_j, 0)/|g_j|² g_j``
+    (always against the *original* g_j); the result is ``Σ_i g_i``. Every projection is linear in the
+    gradients, so each projected g_i is tracked as a coefficient vector over the original gradients and
+    the T weights come from the Gramian alone: ``g_i·g_j = c_iᵀ G e_j``.
+
+    Choices: an independent uniformly random order per task i, excluding i itself (the paper's
+    "for all T_j ∈ B \\ T_i in random order"); ``reduction="sum"`` as in the paper and the authors'
+    TensorFlow code (``"mean"`` divides by T). Randomness: ``generator`` (any device; None uses the
+    default generator of the Gramian's device). A zero g_j is skipped.
+    """
+
+    stochastic = True
+
+    def __init__(self, reduction: str = "sum"):
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"PCGrad: reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.reduction = reduction
+
+    @staticmethod
+    def task_orders(num_tasks: int, generator: torch.Generator | None = None,
+                    device: torch.device | str | None = None) -> Tensor:
+        """[T, T-1] int64: row i is the random order in which task i is projected on the others."""
+        gen_dev = generator.device if generator is not None else device
+        keys = torch.rand(num_tasks, num_tasks, generator=generator, device=gen_dev)
+        keys.fill_diagonal_(2.0)  # the task itself sorts last and is cut off
+        return keys.argsort(-1)[:, : num_tasks - 1].to(device)
+
+    @torch.no_grad()
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        T = _check_gram(gram)
+        G = _gram64(gram)
+        orders = self.task_orders(T, generator, G.device)
+        diag = G.diagonal()
+        C = torch.eye(T, dtype=G.dtype, device=G.device)  # row i: coefficients of the projected g_i
+        for s in range(T - 1):
+            j = orders[:, s]
+            dots = (C * G.index_select(0, j)).sum(-1)  # g_i^PC · g_{j_i}
+            dj = diag.index_select(0, j)
+            coef = torch.where(dj > 0, dots.clamp(max=0) / torch.where(dj > 0, dj, 1.0), 0.0)
+            C = C.scatter_add(1, j[:, None], -coef[:, None])
+        w = C.sum(0)
+        if self.reduction == "mean":
+            w = w / T
+        return _out(w, gram)
+
+
+class MGDA(GradientAggregator):
+    """MGDA (Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization").
+
+    Weights ``α = argmin_{α ∈ Δ} |Σ α_t g_t|²``: the min-norm point of the convex hull of the task
+    gradients (a zero gradient makes it 0). ``solver="active_set"`` (default) solves the QP exactly
+    (:func:`~mtvision.balancing.solvers.min_norm_simplex`); ``"frank_wolfe"`` runs the paper's
+    Algorithm 2 for ``iters`` iterations (default 250, the authors' MAX_ITER), from the best pair as
+    in the authors' code.
+
+    ``normalization``: the paper solves on the raw gradients (``"none"``, default). The authors' code
+    optionally normalises each gradient first and then applies the weights to the *unnormalised*
+    losses; ``"l2"`` does that with ``g_t/|g_t|`` (their loss-based ``"loss"``/``"loss+"`` need the
+    losses, not available from the Gramian). MGDA-UB is this class applied to gradients w.r.t. the
+    shared representation (see the module docstring).
+    """
+
+    def __init__(self, normalization: str = "none", solver: str = "active_set", iters: int | None = None):
+        if normalization not in ("none", "l2"):
+            raise ValueError(f"MGDA: normalization must be 'none' or 'l2', got {normalization!r}")
+        if solver not in ("active_set", "frank_wolfe"):
+            raise ValueError(f"MGDA: solver must be 'active_set' or 'frank_wolfe', got {solver!r}")
+        self.normalization = normalization
+        self.solver = solver
+        self.iters = iters
+
+    @torch.no_grad()
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_gram(gram)
+        G = _gram64(gram)
+        if self.normalization == "l2":
+            n = G.diagonal().clamp_min(0).sqrt()
+            n = torch.where(n > 0, n, 1.0)
+            G = G / (n[:, None] * n[None, :])
+        if self.solver == "frank_wolfe":
+            w = solvers.min_norm_simplex_fw(G, iters=250 if self.iters is None else self.iters)
+        else:
+            w = solvers.min_norm_simplex(G, max_iter=self.iters)
+        return _out(w, gram)
+
+
+class CAGrad(GradientAggregator):
+    """CAGrad (Liu et al. 2021, "Conflict-Averse Gradient Descent for Multi-task Learning").
+
+    ``d = argmax_d min_i g_i·d`` s.t. ``|d − g_0| <= c|g_0|``, ``g_0`` the mean gradient, through its
+    dual on the simplex: ``w = argmin_{w ∈ Δ} g_wᵀg_0 + φ sqrt(|g_w|² + ε)`` with ``g_w = Σ w_i g_i``,
+    ``φ = c|g_0|``, then ``d = g_0 + φ/|g_w| g_w``. As in the authors' code (``cagrad()`` in
+    Cranial-XIX/CAGrad): the sqrt is smoothed by ε (1e-8, here relative to the mean squared gradient
+    norm so the weights do not depend on the gradients' scale), the dual starts from the uniform
+    weights, and ``rescale`` divides d by ``1 + c²`` (1, default), ``1 + c`` (2) or nothing (0).
+    Default ``c = 0.4`` (the authors' NYUv2 setting). The authors' scripts then multiply d by T to
+    match a sum-of-losses baseline; here d is on the mean-gradient scale of the paper, so ``c = 0``
+    gives exactly the mean gradient.
+
+    The dual is solved with :func:`~mtvision.balancing.solvers.simplex_newton` (``iters`` projected
+    Newton steps) instead of scipy's SLSQP.
+    """
+
+    def __init__(self, c: float = 0.4, rescale: int = 1, iters: int = 20, eps: float = 1e-8):
+        if c < 0:
+            raise ValueError(f"CAGrad: c must be >= 0, got {c}")
+        if rescale not in (0, 1, 2):
+            raise ValueError(f"CAGrad: rescale must be 0, 1 or 2, got {rescale}")
+        self.c = float(c)
+        self.rescale = rescale
+        self.iters = iters
+        self.eps = float(eps)
+
+    def dual_weights(self, gram: Tensor) -> Tensor:
+        """The dual solution ``w`` [T] (float64, on the simplex) and nothing else; for tests."""
+        G, b, phi = self._problem(gram)
+        return self._solve(G, b, phi)
+
+    def _problem(self, gram: Tensor):
+        G = _gram64(gram)
+        s = G.diagonal().mean()
+        G = G / torch.where(s > 0, s, torch.ones_like(s))
+        b = G.mean(1)  # G u with u = 1/T: g_i · g_0
+        phi = self.c * G.mean().clamp_min(0).sqrt()  # c |g_0|
+        return G, b, phi
+
+    def _solve(self, G: Tensor, b: Tensor, phi: Tensor) -> Tensor:
+        T = G.shape[0]
+        eps = self.eps
+
+        def fun(W: Tensor) -> Tensor:
+            return W @ b + phi * (((W @ G) * W).sum(-1).clamp_min(0) + eps).sqrt()
+
+        def grad_hess(w: Tensor):
+            Gw = G @ w
+            n = ((w @ Gw).clamp_min(0) + eps).sqrt()
+            g = b + phi * Gw / n
+            H = phi * (G / n - torch.outer(Gw, Gw) / n**3)
+            return g, H
+
+        w0 = torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)
+        return solvers.simplex_newton(fun, grad_hess, w0, iters=self.iters)
+
+    @torch.no_grad()
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        T = _check_gram(gram)
+        G, b, phi = self._problem(gram)
+        w = self._solve(G, b, phi)
+        gw_norm = ((w @ G @ w).clamp_min(0) + self.eps).sqrt()
+        weights = 1.0 / T + (phi / gw_norm) * w
+        if self.rescale == 1:
+            weights = weights / (1.0 + self.c**2)
+        elif self.rescale == 2:
+            weights = weights / (1.0 + self.c)
+        return _out(weights, gram)
+
+
+class NashMTL(GradientAggregator):
+    """Nash-MTL (Navon et al. 2022, "Multi-Task Learning as a Bargaining Game").
+
+    Weights: the positive solution of ``G α = 1/α`` (the Nash bargaining solution, ``α_i (Gα)_i = 1``),
+    here solved to convergence by damped Newton (:func:`~mtvision.balancing.solvers.nash_bargaining`,
+    ``iters`` steps) instead of the authors' 20 CCP iterations through cvxpy/ECOS. At the solution
+    ``|Σ α_i g_i|² = T``. As in the authors' code (``NashMTL`` in AvivNavon/nash-mtl), the aggregate
+    is then clipped to norm ``max_norm`` (default 1.0; their ``clip_grad_norm_`` on the shared
+    parameters), applied here as a scale on the weights; ``max_norm=0`` disables it. Their options to
+    recompute the weights only every k steps and to warm-start from the previous step are a
+    trainer's concern and not reproduced (Newton converges from a cold start).
+
+    A zero task gradient gets weight 0. Where no solution exists (a positive combination of the
+    gradients vanishes, e.g. two opposite gradients), the fixed iterations return a finite point.
+    """
+
+    def __init__(self, max_norm: float = 1.0, iters: int = 20):
+        if max_norm < 0:
+            raise ValueError(f"NashMTL: max_norm must be >= 0, got {max_norm}")
+        self.max_norm = float(max_norm)
+        self.iters = iters
+
+    @torch.no_grad()
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_gram(gram)
+        G = _gram64(gram)
+        w = solvers.nash_bargaining(G, iters=self.iters)
+        if self.max_norm > 0:
+            norm = (w @ G @ w).clamp_min(0).sqrt()
+            w = w * torch.where(norm > self.max_norm, self.max_norm / norm.clamp_min(1e-300), 1.0)
+        return _out(w, gram)
+
+
+class IMTLG(GradientAggregator):
+    """IMTL-G (Liu et al. 2021, "Towards Impartial Multi-task Learning"), gradient part.
+
+    The aggregate ``d = Σ α_t g_t`` with ``Σ α_t = 1`` has equal projections on every unit task
+    gradient: ``d·u_t`` the same for all t. The paper's closed form
+    ``α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹`` is the solution of ``G α = c n`` (``n_t = |g_t|``) normalised to sum
+    1, i.e. ``α ∝ G⁻¹ n``, which is what is computed here, symmetric in the tasks and from the Gramian
+    alone. The solve carries a 1e-12 relative ridge (the authors' code falls back to a 1e-8 ridge
+    when the matrix is singular): duplicated gradients share their weight, a zero gradient gets weight
+    0. If ``Σ (G⁻¹n)`` vanishes the weights are 0. Weights may be negative, as in the paper.
+    """
+
+    def __init__(self, ridge: float = 1e-12):
+        self.ridge = float(ridge)
+
+    @torch.no_grad()
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        T = _check_gram(gram)
+        G = _gram64(gram)
+        s = G.diagonal().amax()
+        G = G / torch.where(s > 0, s, torch.ones_like(s))
+        n = G.diagonal().clamp_min(0).sqrt()
+        eye = torch.eye(T, dtype=G.dtype, device=G.device)
+        v = torch.linalg.solve_ex(G + self.ridge * eye, n)[0]
+        tot = v.sum()
+        ok = tot.abs() > 1e-12 * v.abs().sum()
+        w = torch.where(ok, v / torch.where(ok, tot, 1.0), 0.0)
+        return _out(torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0), gram)
+
+
+class AlignedMTL(GradientAggregator):
+    """Aligned-MTL (Senushkin et al. 2023, "Independent Component Alignment for Multi-Task Learning").
+
+    With ``G = V Λ Vᵀ``, the aligned gradients ``Ĝ = J W`` with ``W = σ V Λ^{-1/2} Vᵀ`` are orthogonal
+    with equal norms σ (``Wᵀ G W = σ² I`` on the range of G), and the update is their sum, so the task
+    weights are ``W 1``. As in the authors' ``ProcrustesSolver`` (SamsungLabs/MTL): eigenvalues below
+    ``λ_max · T · eps(float32)`` are dropped (rank truncation), and ``scale_mode`` picks σ as the
+    smallest kept singular value (``"min"``, default), the median one (``"median"``, lower median as
+    ``torch.median``) or the root mean square (``"rmse"``). All gradients zero: weights 1.
+
+    The eigendecomposition (``torch.linalg.eigh``) checks for errors, which reads a flag back on CUDA:
+    the one host synchronisation among these methods.
+    """
+
+    def __init__(self, scale_mode: str = "min"):
+        if scale_mode not in ("min", "median", "rmse"):
+            raise ValueError(f"AlignedMTL: scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}")
+        self.scale_mode = scale_mode
+
+    def transform(self, gram: Tensor) -> Tensor:
+        """The balance matrix W [T,T] (float64): aligned gradient k is ``Σ_t W[t,k] g_t``."""
+        G = _gram64(gram)
+        T = G.shape[0]
+        s = G.diagonal().amax()
+        G = G / torch.where(s > 0, s, torch.ones_like(s))
+        lam, V = torch.linalg.eigh(G)
+        tol = lam.amax() * T * torch.finfo(torch.float32).eps
+        keep = lam > tol
+        inv_sqrt = torch.where(keep, lam.clamp_min(1e-300).rsqrt(), 0.0)
+        if self.scale_mode == "min":
+            sigma2 = torch.where(keep, lam, float("inf")).amin()
+        elif self.scale_mode == "median":
+            r = keep.sum()
+            srt = torch.where(keep, lam, float("inf")).sort()[0]
+            sigma2 = srt.gather(0, ((r - 1).clamp_min(0) // 2).reshape(1))[0]
+        else:
+            sigma2 = (lam * keep).sum() / keep.sum().clamp_min(1)
+        any_kept = keep.any()
+        sigma = torch.where(any_kept, sigma2, 1.0).clamp_min(0).sqrt()
+        W = sigma * (V * inv_sqrt) @ V.T
+        return torch.where(any_kept, W, torch.eye(T, dtype=G.dtype, device=G.device))
+
+    @torch.no_grad()
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_gram(gram)
+        return _out(self.transform(gram).sum(1), gram)
+
+
+class UPGrad(GradientAggregator):
+    """UPGrad (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization").
+
+    Each ``p_i g_i`` is projected onto the dual cone ``{x : g_t·x >= 0 ∀t}`` of the task gradients and
+    the projections are summed; with the default preference ``p = 1/T`` this is the mean of the
+    projected gradients. The projection of ``Jᵀu`` is ``Jᵀv`` with ``v = argmin_{v >= u} vᵀGv``
+    (their Proposition 1), one small QP per task, solved exactly here by
+    :func:`~mtvision.balancing.solvers.dual_cone_weights` (all T at once) instead of quadprog.
+
+    As in the authors' torchjd (``UPGradWeighting``): the Gramian is divided by its trace (if the trace
+    is below ``norm_eps`` it is taken as 0, and the weights are then ``p``) and ``reg_eps·I`` is added
+    before solving (defaults 1e-4 both). quadprog needs that regularisation to have a positive definite
+    matrix; this solver does not, and ``reg_eps=0`` gives the exact projection, whose aggregate has a
+    non-negative inner product with every task gradient. With the default it is ``>= −reg_eps·tr(G)·w``.
+    """
+
+    def __init__(self, pref_vector: Sequence[float] | Tensor | None = None, norm_eps: float = 1e-4,
+                 reg_eps: float = 1e-4, max_iter: int | None = None):
+        if norm_eps < 0 or reg_eps < 0:
+            raise ValueError(f"UPGrad: norm_eps and reg_eps must be >= 0, got {norm_eps}, {reg_eps}")
+        self.pref_vector = None if pref_vector is None else [float(x) for x in
+                                                              torch.as_tensor(pref_vector).reshape(-1)]
+        self.norm_eps = float(norm_eps)
+        self.reg_eps = float(reg_eps)
+        self.max_iter = max_iter
+
+    @torch.no_grad()
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        T = _check_gram(gram)
+        G = _gram64(gram)
+        if self.pref_vector is None:
+            p = torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)
+        else:
+            if len(self.pref_vector) != T:
+                raise ValueError(f"UPGrad: pref_vector has {len(self.pref_vector)} entries for {T} tasks")
+            p = torch.tensor(self.pref_vector, dtype=G.dtype).to(G.device, non_blocking=True)
+        tr = G.diagonal().sum()
+        G = torch.where(tr >= self.norm_eps, G / torch.where(tr > 0, tr, 1.0), 0.0)
+        G = G + self.reg_eps * torch.eye(T, dtype=G.dtype, device=G.device)
+        V = solvers.dual_cone_weights(G, torch.diag(p), max_iter=self.max_iter)
+        return _out(V.sum(0), gram)
+
+
+#: Names used by ``mtvision.balancing.build_balancer`` -> class.
+AGGREGATORS: dict[str, type[GradientAggregator]] = {
+    "pcgrad": PCGrad,
+    "mgda": MGDA,
+    "cagrad": CAGrad,
+    "nashmtl": NashMTL,
+    "imtl": IMTLG,
+    "alignedmtl": AlignedMTL,
+    "upgrad": UPGrad,
+}
