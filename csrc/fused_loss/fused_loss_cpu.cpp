@@ -3,6 +3,7 @@
 // end: the result is bit-identical whatever the number of threads.
 #include "fused_loss.h"
 
+#include "cpu_memory.h"
 #include "cpu_simd.h"
 
 #include <ATen/Dispatch.h>
@@ -18,10 +19,6 @@
 #include <cstring>
 #include <limits>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace mtvision {
 namespace {
@@ -103,21 +100,6 @@ void for_each_block(int64_t B, int64_t P, Fn fn) {
       fn(b, p0, std::min(P, p0 + kBlock), i);
     }
   });
-}
-
-// An uninitialised tensor like `t` whose pages the kernel may back with transparent huge pages. The
-// gradient is the one input-sized buffer the op writes; faulting it in 4 KiB pages cost as much as
-// computing it (measured: 24 ms of a 64 ms backward at B8 C19 256x512 on a 2-core VM).
-at::Tensor empty_like_huge_pages(const at::Tensor& t) {
-  at::Tensor out = at::empty_like(t);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t end = begin + out.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint
-#endif
-  return out;
 }
 
 int64_t num_blocks(int64_t B, int64_t P) { return B * ((P + kBlock - 1) / kBlock); }

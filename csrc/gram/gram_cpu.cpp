@@ -9,8 +9,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_memory.h"
 #include "cpu_simd.h"
 
 namespace mtvision {
@@ -33,17 +36,73 @@ std::vector<Item> make_items(const GradChunks& g) {
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-// Dot products of all row pairs s <= t of rows[0..T) over n columns, added to sums[s * T + t].
+// Dot products of all row pairs s <= t of rows[0..T) over n columns, added to sums[s * T + t]. Pairs
+// go in 2x2 register blocks (four dot products from four loads per column), each dot keeping kLanes
+// independent partial sums so that it vectorizes without reassociating float additions.
 template <typename T>
 MTV_SIMD_CLONES void tile_gram(const T* const* rows, int64_t T_, int64_t n, double* sums) {
   using acc_t = typename Acc<T>::type;
-  for (int64_t s = 0; s < T_; ++s) {
-    const T* __restrict a = rows[s];
-    for (int64_t t = s; t < T_; ++t) {
-      const T* __restrict b = rows[t];
-      acc_t acc = 0;
-      for (int64_t j = 0; j < n; ++j) acc += static_cast<acc_t>(a[j]) * static_cast<acc_t>(b[j]);
-      sums[s * T_ + t] += static_cast<double>(acc);
+  constexpr int64_t kLanes = 16;
+  auto lane_sum = [](const acc_t* lane) {
+    acc_t acc = 0;
+    for (int64_t l = 0; l < kLanes; ++l) acc += lane[l];
+    return static_cast<double>(acc);
+  };
+  for (int64_t s = 0; s < T_; s += 2) {
+    const int64_t s1 = std::min(s + 1, T_ - 1);  // == s for an odd last row (its results are dropped)
+    const T* __restrict a0 = rows[s];
+    const T* __restrict a1 = rows[s1];
+    for (int64_t t = s; t < T_; t += 2) {
+      const int64_t t1 = std::min(t + 1, T_ - 1);
+      const T* __restrict b0 = rows[t];
+      const T* __restrict b1 = rows[t1];
+      acc_t l00[kLanes] = {}, l01[kLanes] = {}, l10[kLanes] = {}, l11[kLanes] = {};
+      int64_t j = 0;
+      if constexpr (std::is_same_v<T, float>) {
+        // GCC/Clang vector types: the 4 x 8 accumulators stay in registers across the column loop
+        // (arrays, even when the inner loop vectorizes, go through the stack every iteration).
+        typedef float v8 __attribute__((vector_size(32)));
+        auto load = [](const float* p) {
+          v8 v;
+          std::memcpy(&v, p, sizeof(v));
+          return v;
+        };
+        v8 c00 = {}, c01 = {}, c10 = {}, c11 = {};
+        for (; j + 8 <= n; j += 8) {
+          const v8 x0 = load(a0 + j), x1 = load(a1 + j), y0 = load(b0 + j), y1 = load(b1 + j);
+          c00 += x0 * y0;
+          c01 += x0 * y1;
+          c10 += x1 * y0;
+          c11 += x1 * y1;
+        }
+        for (int l = 0; l < 8; ++l) {
+          l00[l] = c00[l];
+          l01[l] = c01[l];
+          l10[l] = c10[l];
+          l11[l] = c11[l];
+        }
+      }
+      for (; j + kLanes <= n; j += kLanes)
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const acc_t x0 = static_cast<acc_t>(a0[j + l]), x1 = static_cast<acc_t>(a1[j + l]);
+          const acc_t y0 = static_cast<acc_t>(b0[j + l]), y1 = static_cast<acc_t>(b1[j + l]);
+          l00[l] += x0 * y0;
+          l01[l] += x0 * y1;
+          l10[l] += x1 * y0;
+          l11[l] += x1 * y1;
+        }
+      for (int64_t l = 0; j + l < n; ++l) {
+        const acc_t x0 = static_cast<acc_t>(a0[j + l]), x1 = static_cast<acc_t>(a1[j + l]);
+        const acc_t y0 = static_cast<acc_t>(b0[j + l]), y1 = static_cast<acc_t>(b1[j + l]);
+        l00[l] += x0 * y0;
+        l01[l] += x0 * y1;
+        l10[l] += x1 * y0;
+        l11[l] += x1 * y1;
+      }
+      sums[s * T_ + t] += lane_sum(l00);
+      if (t1 != t) sums[s * T_ + t1] += lane_sum(l01);
+      if (s1 != s && s1 <= t) sums[s1 * T_ + t] += lane_sum(l10);
+      if (s1 != s && t1 != t) sums[s1 * T_ + t1] += lane_sum(l11);
     }
   }
 }
@@ -118,7 +177,7 @@ std::vector<at::Tensor> weighted_sum_cpu(at::TensorList grads, const at::Tensor&
   const at::Tensor w = weights.to(at::kCPU, f64 ? at::kDouble : at::kFloat).contiguous();
   const std::vector<Item> items = make_items(g);
   std::vector<at::Tensor> out;
-  for (const at::Tensor& c : g.chunks) out.push_back(at::empty({c.size(1)}, c.options()));
+  for (const at::Tensor& c : g.chunks) out.push_back(empty_huge_pages({c.size(1)}, c.options()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.chunks[0].scalar_type(), "weighted_sum_cpu", [&] {
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
       std::vector<const scalar_t*> rows(g.T);

@@ -199,7 +199,8 @@ class CAGrad(GradientAggregator):
     weights, and ``rescale`` divides d by ``1 + c²`` (1, default), ``1 + c`` (2) or nothing (0).
     Default ``c = 0.4`` (the authors' NYUv2 setting). The authors' scripts then multiply d by T to
     match a sum-of-losses baseline; here d is on the mean-gradient scale of the paper, so ``c = 0``
-    gives exactly the mean gradient.
+    gives exactly the mean gradient. Where the dual optimum has ``g_w = 0`` (e.g. a zero task
+    gradient) the recovery formula gives ``d = g_0``, as the authors' code does.
 
     The dual is solved with :func:`~mtvision.balancing.solvers.simplex_newton` (``iters`` projected
     Newton steps) instead of scipy's SLSQP.
@@ -248,6 +249,8 @@ class CAGrad(GradientAggregator):
     @torch.no_grad()
     def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
         T = _check_gram(gram)
+        if self.c == 0:
+            return _out(torch.full((T,), 1.0 / T, dtype=torch.float64, device=gram.device), gram)
         G, b, phi = self._problem(gram)
         w = self._solve(G, b, phi)
         gw_norm = ((w @ G @ w).clamp_min(0) + self.eps).sqrt()

@@ -2,7 +2,8 @@
 
 Every solver runs a fixed number of iterations on device tensors (no ``.item()``, no branch on a
 tensor value), so the whole weight computation can be queued behind the backward passes without a
-host synchronisation. They work in float64 whatever the input dtype (T ≤ ~50, so this costs nothing)
+host synchronisation; only on CPU, where reading a value costs no synchronisation, do the loops stop
+early once converged (same result). They work in float64 whatever the input dtype (T ≤ ~50, so this costs nothing)
 and accept a positive *semi*-definite matrix: duplicated, collinear and zero task gradients are
 handled without a regularisation that would move the solution.
 
@@ -184,7 +185,7 @@ def project_simplex(Y: Tensor) -> Tensor:
     Us = Y.sort(-1, descending=True)[0]
     css = Us.cumsum(-1) - 1
     k = torch.arange(1, T + 1, device=Y.device, dtype=Y.dtype)
-    rho = (Us - css / k > 0).sum(-1, keepdim=True)  # >= 1: the first test is always 1 > 0
+    rho = (Us - css / k > 0).sum(-1, keepdim=True).clamp_min(1)  # >= 1 unless Y has inf/nan
     theta = css.gather(-1, rho - 1) / rho.to(Y.dtype)
     return (Y - theta).clamp_min(0)
 
@@ -233,7 +234,7 @@ def simplex_newton(fun: Callable[[Tensor], Tensor], grad_hess: Callable[[Tensor]
         if _host_visible(best) and int(best) == 0:
             break  # no candidate improves on w: later iterations would repeat this one
         w = cand.index_select(0, best.reshape(1))[0]
-    return w
+    return w / w.sum()  # projections of far-away points leave ~1e-12 of rounding on the sum
 
 
 def nash_bargaining(gram: Tensor, iters: int = 20) -> Tensor:
