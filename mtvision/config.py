@@ -158,6 +158,8 @@ class BalancerConfig:
 
     name: str = "ew"
     kwargs: dict[str, Any] = _f({})
+    #: gradient methods only: per-task gradients w.r.t. the shared parameters, or the shared features
+    level: Literal["param", "rep"] = "param"
 
 
 @dataclass

@@ -79,7 +79,7 @@ def test_eval_with_a_checkpoint_of_another_model_fails_cleanly(trained, capsys):
     ("train.max_iter=5", "unknown key 'train.max_iter'"),
     ("data.batch_size=eight", "data.batch_size: expected int"),
     ("model.heads.seg.name=segmentaton", "model.heads.seg.name: unknown head 'segmentaton'"),
-    ("balancer.name=pcgrad", "balancer.name: 'pcgrad' is not available yet"),
+    ("balancer.name=pcgard", "balancer.name: unknown method 'pcgard'"),
 ])
 def test_config_errors_exit_non_zero_naming_the_key(tmp_path, capsys, override, message):
     config = write_tiny_config(tmp_path)

@@ -217,7 +217,7 @@ class CAGrad(GradientAggregator):
         self.eps = float(eps)
 
     def dual_weights(self, gram: Tensor) -> Tensor:
-        """The dual solution ``w`` [T] (float64, on the simplex) and nothing else; for tests."""
+        """The dual solution ``w`` [T] (float64, on the simplex), before ``d`` is recovered from it."""
         G, b, phi = self._problem(gram)
         return self._solve(G, b, phi)
 

@@ -3,13 +3,12 @@ trivial baselines and prediction pictures."""
 
 from .baselines import TrivialPredictor, fit_trivial_baseline, trivial_baseline
 from .builders import (
-    AVAILABLE_BALANCERS,
     LRLambda,
     build_dataloader,
     build_optimizer,
     build_scheduler,
     check_amp,
-    check_balancer,
+    build_task_balancer,
     check_tasks,
     resolve_device,
     seed_everything,
@@ -19,7 +18,6 @@ from .evaluator import PRIMARY_METRICS, build_metrics, evaluate, evaluate_model,
 from .trainer import Trainer, autocast_context, write_json
 
 __all__ = [
-    "AVAILABLE_BALANCERS",
     "LRLambda",
     "PRIMARY_METRICS",
     "Trainer",
@@ -30,7 +28,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "check_amp",
-    "check_balancer",
+    "build_task_balancer",
     "check_tasks",
     "evaluate",
     "evaluate_model",

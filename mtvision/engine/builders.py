@@ -15,13 +15,12 @@ from ..config import ConfigError, OptimizerConfig, ScheduleConfig
 from ..data import collate_samples
 
 __all__ = [
-    "AVAILABLE_BALANCERS",
     "LRLambda",
     "build_dataloader",
     "build_optimizer",
     "build_scheduler",
     "check_amp",
-    "check_balancer",
+    "build_task_balancer",
     "check_tasks",
     "resolve_device",
     "seed_everything",
@@ -29,7 +28,6 @@ __all__ = [
 ]
 
 #: Balancer names this version trains with; the balancing issue adds the others of DESIGN §3.
-AVAILABLE_BALANCERS = ("ew",)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,13 +158,33 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LRLambda(cfg, max_iters))
 
 
-def check_balancer(name: str) -> None:
-    """ConfigError unless ``balancer.name`` is one this version implements (static weights: ``ew``)."""
-    if name not in AVAILABLE_BALANCERS:
-        raise ConfigError(
-            f"balancer.name: {name!r} is not available yet (available: {', '.join(AVAILABLE_BALANCERS)}; "
-            "'ew' trains with the static loss.weights)")
+def build_task_balancer(cfg, model, tasks: list[str]):
+    """The method of ``cfg.balancer`` for ``model`` training ``tasks``: a ``LossWeighting`` module (EW,
+    UW, DWA, GradNorm, RLW, FAMO) or a ``GradientBalancer`` (PCGrad, MGDA, CAGrad, Nash-MTL, IMTL-G,
+    Aligned-MTL, UPGrad at ``balancer.level`` param or rep). ConfigError naming the key when the name,
+    an argument or the level is wrong. ``loss.weights`` (static weights) belong to ``ew`` only."""
+    from ..balancing import build_balancer, is_gradient_method
+    from .balanced_step import GradientBalancer
 
+    name, kwargs = cfg.balancer.name, dict(cfg.balancer.kwargs)
+    if name == "ew":
+        kwargs.setdefault("weights", [float(cfg.loss.weights.get(t, 1.0)) for t in tasks])
+    elif cfg.loss.weights:
+        raise ConfigError(f"loss.weights: static task weights apply to balancer 'ew' only (balancer.name is "
+                          f"{name!r}, which decides the weights itself)")
+    if not is_gradient_method(name) and cfg.balancer.level != "param":
+        raise ConfigError(f"balancer.level: {cfg.balancer.level!r} is for gradient methods; {name!r} weights losses")
+    try:
+        method = build_balancer(name, len(tasks), **kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not is_gradient_method(name):
+        return method
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    return GradientBalancer(method, list(model.shared_parameters()),
+                            [list(model.task_parameters(t)) for t in tasks], level=cfg.balancer.level,
+                            generator=generator)
 
 
 def check_tasks(cfg) -> list[str]:

@@ -19,14 +19,15 @@ from tqdm import tqdm
 
 from ..config import Config, config_to_dict, save_config
 from ..data.builders import build_dataset
+from ..balancing import LossWeighting
 from ..losses import DenseMultiTaskLoss
 from ..models import build_model
 from .builders import (
     build_dataloader,
     build_optimizer,
     build_scheduler,
+    build_task_balancer,
     check_amp,
-    check_balancer,
     check_tasks,
     resolve_device,
     seed_everything,
@@ -86,7 +87,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, console: bool = True, progress: Optional[bool] = None):
         self.cfg = cfg
-        check_balancer(cfg.balancer.name)
         self.tasks = check_tasks(cfg)
         self.device = resolve_device(cfg.train.device)
         self.amp = check_amp(cfg.train.amp, self.device)
@@ -97,8 +97,17 @@ class Trainer:
 
         seed_everything(cfg.seed)
         self.model = build_model(config_to_dict(cfg.model)).to(self.device)
-        self.loss_fn = DenseMultiTaskLoss(self.tasks, cfg.loss.weights, cfg.loss.ignore_index).to(self.device)
+        self.loss_fn = DenseMultiTaskLoss(self.tasks, None, cfg.loss.ignore_index).to(self.device)
+        # A LossWeighting module (ew, uw, dwa, ...) or a GradientBalancer (pcgrad, mgda, ...).
+        self.balancer = build_task_balancer(cfg, self.model, self.tasks)
+        self.grad_balancer = None if isinstance(self.balancer, LossWeighting) else self.balancer
+        self.loss_weighting = self.balancer if self.grad_balancer is None else None
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        if self.loss_weighting is not None:
+            self.loss_weighting.to(self.device)
+            learned = [p for p in self.loss_weighting.parameters() if p.requires_grad]
+            if learned:  # UW's log-variances train with the model, without weight decay
+                self.optimizer.add_param_group({"params": learned, "weight_decay": 0.0})
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.max_iters)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
@@ -131,43 +140,73 @@ class Trainer:
             for batch in self.train_loader:
                 yield batch
             self.epoch += 1
+            if self.loss_weighting is not None:
+                self.loss_weighting.end_epoch()
 
     def _to_device(self, batch: dict) -> dict[str, Tensor]:
         keys = ("image", *self.tasks)
         return {k: batch[k].to(self.device, non_blocking=True) for k in keys}
 
-    def task_weights(self, task_losses: Tensor) -> Tensor:
-        """Loss weight per task, ``[T]``: where a balancer decides the weights (``balancer.name``).
-
-        ``ew`` (the only method so far) keeps the static ``loss.weights``.
-        """
-        return self.loss_fn.weights
+    def _forward(self, images: Tensor):
+        """Model outputs, and for representation-level gradient methods the shared features and the
+        detached copies the heads ran on."""
+        if self.grad_balancer is not None and self.grad_balancer.level == "rep":
+            features = self.model.forward_features(images)
+            head_inputs = [f.detach().requires_grad_() for f in features]
+            return self.model.forward_heads(head_inputs, images.shape[-2:]), features, head_inputs
+        return self.model(images), None, None
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        """One optimisation step on ``batch``; returns ``{task: loss, "total": loss, "skipped": 0|1}``
-        (losses as floats, before the update)."""
+        """One optimisation step on ``batch``; returns ``{task: loss, "total": loss, "weight/<task>": w,
+        "skipped": 0|1}`` (losses as floats, before the update; ``total`` is the weighted objective of a
+        loss-weighting method, the plain sum of task losses for a gradient method)."""
         self.model.train()
         batch = self._to_device(batch)
+        images = batch["image"]
         with self.autocast():
-            outputs = self.model(batch["image"])
+            outputs, features, head_inputs = self._forward(images)
         task_losses = self.loss_fn.task_losses(outputs, batch)
-        losses = self.loss_fn.combine(task_losses, self.task_weights(task_losses.detach()))
-        total = losses["total"]
+        if self.loss_weighting is not None:
+            weights = self.loss_weighting.weights(task_losses.detach())
+            total = (weights * task_losses).sum()
+            extra = self.loss_weighting.extra_loss(task_losses)
+            if extra is not None:
+                total = total + extra
+        else:
+            weights, total = None, task_losses.sum()
+        losses = {t: task_losses[i] for i, t in enumerate(self.tasks)}
+        losses["total"] = total
         values = dict(zip(losses, torch.stack(list(losses.values())).detach().tolist()))  # one device sync
         self.optimizer.zero_grad(set_to_none=True)
         skipped = not math.isfinite(values["total"])
         if not skipped:
-            self.scaler.scale(total).backward()
-            if self.cfg.train.grad_clip is not None:
+            if self.grad_balancer is None:
+                if self.loss_weighting.requires_shared_parameters:  # GradNorm: the last shared layer
+                    self.loss_weighting.pre_backward(task_losses, list(self.model.neck.parameters()))
+                self.scaler.scale(total).backward()
+            else:
+                inv_scale = 1.0 / self.scaler.get_scale() if self.scaler.is_enabled() else None
+                weights = self.grad_balancer.backward(self.scaler.scale(task_losses), features, head_inputs,
+                                                      inv_scale)
+                # with fp16 the scaler finds non-finite gradients itself (and lowers its scale)
+                skipped = not self.scaler.is_enabled() and not bool(torch.isfinite(self.grad_balancer.last_gram).all())
+            if not skipped and self.cfg.train.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-                # With fp16 the scaler skips inf/NaN gradients itself (and lowers its scale).
                 skipped = not self.scaler.is_enabled() and not math.isfinite(float(norm))
             if skipped:
                 self.optimizer.zero_grad(set_to_none=True)
             else:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if self.loss_weighting is not None:
+                    new_losses = None
+                    if self.loss_weighting.requires_new_losses:  # FAMO: the same batch after the step
+                        with torch.no_grad(), self.autocast():
+                            new_losses = self.loss_fn.task_losses(self.model(images), batch)
+                    self.loss_weighting.update(task_losses.detach(), new_losses)
+        if weights is not None:
+            values.update({f"weight/{t}": w for t, w in zip(self.tasks, weights.detach().float().tolist())})
         if skipped:
             self.skipped_steps += 1
             if self.logger is not None:
@@ -206,6 +245,8 @@ class Trainer:
         }
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
+        if self.loss_weighting is not None:
+            state["balancer"] = self.loss_weighting.state_dict()
         return state
 
     def save(self, name: str, metrics: Optional[dict] = None) -> Optional[Path]:
@@ -314,7 +355,10 @@ class Trainer:
         ms, data_ms = elapsed / max(steps, 1) * 1e3, data_time / max(steps, 1) * 1e3
         self.writer.add_scalars("train", {"lr": lr, "skipped_steps": self.skipped_steps, "ms_per_iter": ms,
                                           "data_ms_per_iter": data_ms}, self.iteration)
-        losses = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "total")
+        losses = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "total" and "/" not in k)
+        weights = " ".join(f"{k[7:]} {v:.3f}" for k, v in means.items() if k.startswith("weight/"))
+        if weights:
+            losses += f"; weights {weights}"
         self.logger.info("iter %d/%d  epoch %d  lr %.3g  loss %.4f (%s)  %.0f ms/it (data %.0f)  skipped %d",
                          self.iteration, self.cfg.train.max_iters, self.epoch, lr,
                          means.get("total", math.nan), losses, ms, data_ms, self.skipped_steps)

@@ -12,8 +12,8 @@ from mtvision.engine.builders import (
     build_dataloader,
     build_optimizer,
     build_scheduler,
+    build_task_balancer,
     check_amp,
-    check_balancer,
     check_tasks,
 )
 from mtvision.models import build_model
@@ -109,9 +109,18 @@ def test_config_checks_name_the_key(tmp_path):
         check_tasks(apply_overrides(cfg, ["model.heads.seg.num_classes=5"]))
     with pytest.raises(ConfigError, match=r"loss.weights.edges: no such task"):
         check_tasks(apply_overrides(cfg, ["loss.weights={edges: 1.0}"]))
-    check_balancer("ew")
-    with pytest.raises(ConfigError, match=r"balancer.name: 'pcgrad' is not available yet \(available: ew"):
-        check_balancer("pcgrad")
+    model = build_model(config_to_dict(cfg.model))
+    with pytest.raises(ConfigError, match=r"balancer.name: unknown method 'pcgard'"):
+        build_task_balancer(apply_overrides(cfg, ["balancer.name=pcgard"]), model, ["seg", "depth", "normal"])
+    with pytest.raises(ConfigError, match=r"balancer.kwargs: .*unexpected keyword argument 'cc'"):
+        build_task_balancer(apply_overrides(cfg, ["balancer.name=cagrad", "balancer.kwargs={cc: 1}"]), model,
+                            ["seg", "depth", "normal"])
+    with pytest.raises(ConfigError, match=r"loss.weights: static task weights apply to balancer 'ew' only"):
+        build_task_balancer(apply_overrides(cfg, ["balancer.name=uw", "loss.weights={seg: 2.0}"]), model,
+                            ["seg", "depth", "normal"])
+    with pytest.raises(ConfigError, match=r"balancer.level: 'rep' is for gradient methods"):
+        build_task_balancer(apply_overrides(cfg, ["balancer.name=dwa", "balancer.level=rep"]), model,
+                            ["seg", "depth", "normal"])
     with pytest.raises(ConfigError, match=r"train.amp: 'fp16' needs a CUDA device"):
         check_amp("fp16", torch.device("cpu"))
     assert check_amp("bf16", torch.device("cpu")) == "bf16"

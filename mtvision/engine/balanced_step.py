@@ -1,0 +1,107 @@
+"""Backward passes of the gradient-balancing methods: per-task gradients -> Gramian -> T weights ->
+one combined gradient, without flattening and without a host sync per task pair.
+
+- Parameter level (``param``): one forward, then T backward passes (``autograd.grad`` with the graph
+  retained); task t's gradient w.r.t. every shared parameter is copied into row t of a buffer
+  ``[T, *p.shape]`` allocated once, the Gramian is read from those buffers in place
+  (``mtvision.ops.gram_matrix``), and ``mtvision.ops.weighted_sum`` writes ``p.grad``.
+- Representation level (``rep``, e.g. MGDA-UB): the per-task gradients are taken w.r.t. the shared
+  features (the neck's levels), which only costs T backward passes through the heads; their weighted
+  combination is then back-propagated through the backbone once.
+
+Task-specific parameters (a head) get the gradient of their own task's loss. With fp16 loss scaling
+the per-task losses come in scaled; the Gramian is unscaled (divided by scale^2) before the weights
+are computed, and the combined gradient stays scaled for ``GradScaler.step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..balancing import GradientAggregator
+from ..ops import gram_matrix, weighted_sum
+
+__all__ = ["GradientBalancer"]
+
+
+class GradientBalancer:
+    """Runs the backward of a gradient-aggregation method for a model with shared and per-task parameters.
+
+    Args:
+        aggregator: the method (``weights(gram, generator) -> [T]``).
+        shared: the shared parameters (backbone + neck) that get the combined gradient.
+        task_params: per task (in loss order), the parameters only that task's loss reaches.
+        level: ``"param"`` or ``"rep"``.
+        generator: random source of stochastic methods (PCGrad).
+    """
+
+    def __init__(self, aggregator: GradientAggregator, shared: Sequence[Tensor],
+                 task_params: Sequence[Sequence[Tensor]], level: str = "param",
+                 generator: Optional[torch.Generator] = None):
+        if level not in ("param", "rep"):
+            raise ValueError(f"balancer.level: expected 'param' or 'rep', got {level!r}")
+        self.aggregator = aggregator
+        self.shared = [p for p in shared if p.requires_grad]
+        self.task_params = [[p for p in ps if p.requires_grad] for ps in task_params]
+        self.level = level
+        self.generator = generator
+        self._buffers: Optional[list[Tensor]] = None
+        self.last_weights: Optional[Tensor] = None
+        self.last_gram: Optional[Tensor] = None
+
+    def _param_buffers(self, T: int) -> list[Tensor]:
+        if self._buffers is None or self._buffers[0].shape[0] != T:
+            self._buffers = [torch.empty((T, *p.shape), dtype=p.dtype, device=p.device) for p in self.shared]
+        return self._buffers
+
+    def _per_task_grads(self, losses: Tensor, inputs: Sequence[Tensor], buffers: Sequence[Tensor]) -> None:
+        """Row t of each buffer := d losses[t] / d inputs; task parameters' .grad := their task's gradient."""
+        T = losses.shape[0]
+        n = len(inputs)
+        for t in range(T):
+            params = self.task_params[t]
+            grads = torch.autograd.grad(losses[t], [*inputs, *params], retain_graph=t < T - 1,
+                                        allow_unused=True)
+            for buf, g in zip(buffers, grads[:n]):
+                if g is None:
+                    buf[t].zero_()
+                else:
+                    buf[t].copy_(g)
+            for p, g in zip(params, grads[n:]):
+                p.grad = g if g is not None else torch.zeros_like(p)
+
+    def _weights(self, buffers: Sequence[Tensor], inv_scale: Optional[float]) -> Tensor:
+        gram = gram_matrix(buffers)
+        if inv_scale is not None:
+            gram = gram * (inv_scale * inv_scale)
+        self.last_gram = gram
+        self.last_weights = self.aggregator.weights(gram, self.generator)
+        return self.last_weights
+
+    def backward(self, losses: Tensor, features: Optional[Sequence[Tensor]] = None,
+                 head_inputs: Optional[Sequence[Tensor]] = None, inv_scale: Optional[float] = None) -> Tensor:
+        """Sets ``.grad`` of every shared and task parameter; returns the task weights ``[T]``.
+
+        ``losses``: the per-task losses ``[T]`` (graph alive; scaled under fp16). At the ``rep`` level
+        also ``features`` (the backbone/neck outputs, graph alive) and ``head_inputs`` (the detached
+        leaves the heads were run on).
+        """
+        if self.level == "param":
+            buffers = self._param_buffers(losses.shape[0])
+            self._per_task_grads(losses, self.shared, buffers)
+            w = self._weights(buffers, inv_scale)
+            for p, g in zip(self.shared, weighted_sum(buffers, w)):
+                p.grad = g
+            return w
+        if features is None or head_inputs is None:
+            raise ValueError("GradientBalancer(level='rep').backward needs features and head_inputs")
+        T = losses.shape[0]
+        buffers = [f.new_empty((T, *f.shape)) for f in head_inputs]
+        self._per_task_grads(losses, head_inputs, buffers)
+        w = self._weights(buffers, inv_scale)
+        torch.autograd.backward(list(features), weighted_sum(buffers, w))
+        return w
