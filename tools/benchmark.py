@@ -276,8 +276,61 @@ def bench_aggregation(device, repeats):
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# One training step of the synthetic 3-task model with each balancing method, against EW and against
+# the passes a parameter-level method cannot avoid: one forward and T backward passes.
+
+STEP_METHODS = [("ew", "param"), ("pcgrad", "param"), ("mgda", "param"), ("cagrad", "param"),
+                ("nashmtl", "param"), ("upgrad", "param"), ("mgda", "rep"), ("pcgrad", "rep"), ("upgrad", "rep")]
+
+
+def bench_training_step(device, repeats):
+    from mtvision.config import load_config
+    from mtvision.engine import Trainer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    overrides = [f"train.device={device}", "data.num_workers=0", "data.batch_size=8", "train.log_interval=1000"]
+    if device == "cuda":
+        overrides.append("train.amp=bf16")
+    rows, ew_ms, batch = [], None, None
+    for name, level in STEP_METHODS:
+        cfg = load_config(os.path.join(root, "configs/synthetic/mtl_resnet18.yaml"),
+                          overrides + [f"balancer.name={name}", f"balancer.level={level}"])
+        trainer = Trainer(cfg, console=False, progress=False)
+        if batch is None:
+            batch = next(iter(trainer.train_loader))
+        step_ms = 1e3 * median_time(lambda: trainer.train_step(batch), device, max(3, repeats // 2), warmup=2)
+        ew_ms = ew_ms or step_ms
+        row = {"op": f"train step {name} ({level})", "shape": "resnet18 3-task B8 128x160", "device": device,
+               "step_ms": step_ms, "ratio_to_ew": step_ms / ew_ms}
+        if level == "param" and name != "ew":
+            # the passes a parameter-level method needs, alone: one forward, the loss backward to the
+            # task outputs, then per task a backward from its output through its head and the backbone
+            model, loss_fn, tasks = trainer.model, trainer.loss_fn, trainer.tasks
+            shared = [p for p in model.shared_parameters() if p.requires_grad]
+            images = batch["image"].to(trainer.device)
+            targets = {t: batch[t].to(trainer.device) for t in tasks}
+
+            def forward_and_t_backwards():
+                with trainer.autocast():
+                    outputs = model(images)
+                losses = loss_fn.task_losses(outputs, targets)
+                outs = [outputs[t] for t in tasks]
+                out_grads = torch.autograd.grad(losses.sum(), outs, retain_graph=True)
+                for i, t in enumerate(tasks):
+                    torch.autograd.grad(outs[i], shared + list(model.task_parameters(t)), out_grads[i],
+                                        retain_graph=i < len(tasks) - 1, allow_unused=True)
+
+            row["floor_ms"] = 1e3 * median_time(forward_and_t_backwards, device, max(3, repeats // 2), warmup=1)
+            row["ratio_to_floor"] = step_ms / row["floor_ms"]
+        rows.append(row)
+        del trainer
+    return rows
+
+
 def print_table(rows):
-    cols = ["op", "shape", "device", "eager_ms", "fused_ms", "speedup", "eager_gpu_ms", "fused_gpu_ms",
+    cols = ["op", "shape", "device", "eager_ms", "fused_ms", "speedup", "step_ms", "ratio_to_ew",
+            "ratio_to_floor", "eager_gpu_ms", "fused_gpu_ms",
             "floor_ms", "eager_peak_extra_MB", "fused_peak_extra_MB", "grad_buffer_MB", "rel_diff"]
     cols = [c for c in cols if any(c in r for r in rows)]
     def fmt(v):
@@ -295,7 +348,7 @@ def main(argv=None):
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--only", choices=["loss", "aggregation"], help="run one group of rows")
+    parser.add_argument("--only", choices=["loss", "aggregation", "step"], help="run one group of rows")
     parser.add_argument("--_memory-probe", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_probe:
@@ -315,6 +368,8 @@ def main(argv=None):
             rows += bench_loss(device, args.repeats)
         if args.only in (None, "aggregation"):
             rows += bench_aggregation(device, args.repeats)
+        if args.only in (None, "step"):
+            rows += bench_training_step(device, args.repeats)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -58,14 +58,21 @@ class GradientBalancer:
             self._buffers = [torch.empty((T, *p.shape), dtype=p.dtype, device=p.device) for p in self.shared]
         return self._buffers
 
-    def _per_task_grads(self, losses: Tensor, inputs: Sequence[Tensor], buffers: Sequence[Tensor]) -> None:
-        """Row t of each buffer := d losses[t] / d inputs; task parameters' .grad := their task's gradient."""
+    def _per_task_grads(self, losses: Tensor, outputs: Sequence[Tensor], inputs: Sequence[Tensor],
+                        buffers: Sequence[Tensor]) -> None:
+        """Row t of each buffer := d losses[t] / d inputs; task parameters' .grad := their task's gradient.
+
+        Task t's loss reaches only task t's output, so one backward of ``sum_t losses[t]`` to the outputs
+        (the fused loss's single backward) gives every d L_t / d output_t; each task's backward then
+        starts from its own output and never walks the other heads (backward from ``losses[t]`` would,
+        carrying zeros)."""
         T = losses.shape[0]
         n = len(inputs)
+        output_grads = torch.autograd.grad(losses.sum(), list(outputs), retain_graph=True)
         for t in range(T):
             params = self.task_params[t]
-            grads = torch.autograd.grad(losses[t], [*inputs, *params], retain_graph=t < T - 1,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(outputs[t], [*inputs, *params], grad_outputs=output_grads[t],
+                                        retain_graph=t < T - 1, allow_unused=True)
             for buf, g in zip(buffers, grads[:n]):
                 if g is None:
                     buf[t].zero_()
@@ -82,17 +89,18 @@ class GradientBalancer:
         self.last_weights = self.aggregator.weights(gram, self.generator)
         return self.last_weights
 
-    def backward(self, losses: Tensor, features: Optional[Sequence[Tensor]] = None,
+    def backward(self, losses: Tensor, outputs: Sequence[Tensor], features: Optional[Sequence[Tensor]] = None,
                  head_inputs: Optional[Sequence[Tensor]] = None, inv_scale: Optional[float] = None) -> Tensor:
         """Sets ``.grad`` of every shared and task parameter; returns the task weights ``[T]``.
 
-        ``losses``: the per-task losses ``[T]`` (graph alive; scaled under fp16). At the ``rep`` level
-        also ``features`` (the backbone/neck outputs, graph alive) and ``head_inputs`` (the detached
-        leaves the heads were run on).
+        ``losses``: the per-task losses ``[T]`` (graph alive; scaled under fp16); ``outputs``: each
+        task's prediction, in the same order (task t's loss depends on ``outputs[t]`` only). At the
+        ``rep`` level also ``features`` (the backbone/neck outputs, graph alive) and ``head_inputs``
+        (the detached leaves the heads were run on).
         """
         if self.level == "param":
             buffers = self._param_buffers(losses.shape[0])
-            self._per_task_grads(losses, self.shared, buffers)
+            self._per_task_grads(losses, outputs, self.shared, buffers)
             w = self._weights(buffers, inv_scale)
             for p, g in zip(self.shared, weighted_sum(buffers, w)):
                 p.grad = g
@@ -101,7 +109,7 @@ class GradientBalancer:
             raise ValueError("GradientBalancer(level='rep').backward needs features and head_inputs")
         T = losses.shape[0]
         buffers = [f.new_empty((T, *f.shape)) for f in head_inputs]
-        self._per_task_grads(losses, head_inputs, buffers)
+        self._per_task_grads(losses, outputs, head_inputs, buffers)
         w = self._weights(buffers, inv_scale)
         torch.autograd.backward(list(features), weighted_sum(buffers, w))
         return w

@@ -186,7 +186,8 @@ class Trainer:
                 self.scaler.scale(total).backward()
             else:
                 inv_scale = 1.0 / self.scaler.get_scale() if self.scaler.is_enabled() else None
-                weights = self.grad_balancer.backward(self.scaler.scale(task_losses), features, head_inputs,
+                weights = self.grad_balancer.backward(self.scaler.scale(task_losses),
+                                                      [outputs[t] for t in self.tasks], features, head_inputs,
                                                       inv_scale)
                 # with fp16 the scaler finds non-finite gradients itself (and lowers its scale)
                 skipped = not self.scaler.is_enabled() and not bool(torch.isfinite(self.grad_balancer.last_gram).all())
