@@ -19,4 +19,6 @@ TORCH_LIBRARY(mtvision, m) {
   m.def("gram_matrix(Tensor[] grads) -> Tensor");
   // sum_t weights[t] * grads[t], chunk by chunk: one [...] tensor per [T, ...] chunk, in its dtype.
   m.def("weighted_sum(Tensor[] grads, Tensor weights) -> Tensor[]");
+  // The same written into `out` (one tensor shaped like each chunk without its T dim), e.g. .grad.
+  m.def("weighted_sum_out(Tensor[] grads, Tensor weights, Tensor(a!)[] out) -> ()");
 }

@@ -174,7 +174,7 @@ def bench_loss(device, repeats):
 
 # ------------------------------------------------------------------------------------------------
 # Gradient aggregation: mtvision (Gramian op -> T weights -> weighted-sum op, on the per-parameter
-# chunks) against the LibMTL way (flatten every task's gradients through a CPU buffer, then Python
+# chunks, written into buffers allocated once as the trainer's .grad storage) against the LibMTL way (flatten every task's gradients through a CPU buffer, then Python
 # loops over task pairs with a host sync per pair).
 
 def resnet50_chunks(T, device, dtype=torch.float32):
@@ -256,12 +256,13 @@ def bench_aggregation(device, repeats):
         P = sum(c[0].numel() for c in chunks)
         generator = torch.Generator(device=device).manual_seed(0)
         rng = random.Random(0)
+        outs = [torch.empty(c.shape[1:], device=device) for c in chunks]
         methods = [("pcgrad", PCGrad(), lambda: libmtl_pcgrad(chunks, rng)),
                    ("mgda", MGDA(), lambda: libmtl_mgda(chunks))]
         for name, method, baseline in methods:
-            def ours(method=method):
+            def ours(method=method):  # into persistent .grad-like buffers, as the trainer does
                 w = method.weights(gram_matrix(chunks), generator)
-                return weighted_sum(chunks, w)
+                return weighted_sum(chunks, w, out=outs)
 
             row = {"op": f"{name} aggregate (baseline: LibMTL-style)", "shape": f"T{T} P{P / 1e6:.1f}M",
                    "device": device}

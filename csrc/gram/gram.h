@@ -27,4 +27,26 @@ at::Tensor gram_matrix_cpu(at::TensorList grads);
 // out_i [...] = sum_t weights[t] * grads_i[t], in each chunk's dtype.
 std::vector<at::Tensor> weighted_sum_cpu(at::TensorList grads, const at::Tensor& weights);
 
+// The same into given tensors (out_i: grads_i[0]'s shape, contiguous, same dtype and device), e.g.
+// persistent .grad buffers: no allocation (and no page faults) per step.
+void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::TensorList out);
+
+// Checks of weighted_sum's weights and out tensors; returns the outs flattened to [n_i].
+void check_weights(const GradChunks& g, const at::Tensor& weights);
+std::vector<at::Tensor> flat_outputs(const GradChunks& g, at::TensorList out);
+
+// Allocates weighted_sum's outputs with `alloc(numel, options)`, runs `fill(grads, weights, flat)`,
+// and returns them shaped like grads_i[0].
+template <typename Alloc, typename Fill>
+std::vector<at::Tensor> weighted_sum_alloc(at::TensorList grads, const at::Tensor& weights, Alloc alloc,
+                                           Fill fill) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& c : grads) {
+    std::vector<int64_t> shape(c.sizes().begin() + (c.dim() > 0 ? 1 : 0), c.sizes().end());
+    out.push_back(alloc(c.dim() > 0 ? c.numel() / std::max<int64_t>(c.size(0), 1) : 0, c.options()).view(shape));
+  }
+  fill(grads, weights, at::TensorList(out));
+  return out;
+}
+
 }  // namespace mtvision

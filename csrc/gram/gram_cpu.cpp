@@ -169,16 +169,15 @@ at::Tensor gram_matrix_cpu(at::TensorList grads) {
   return out;
 }
 
-std::vector<at::Tensor> weighted_sum_cpu(at::TensorList grads, const at::Tensor& weights) {
+void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::TensorList out_list) {
   const GradChunks g = check_grad_chunks(grads, "weighted_sum");
-  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == g.T, "weighted_sum: weights must be [", g.T,
-              "], got shape ", weights.sizes());
+  check_weights(g, weights);
+  const std::vector<at::Tensor> out = flat_outputs(g, out_list);
   const bool f64 = g.chunks[0].scalar_type() == at::kDouble;
   const at::Tensor w = weights.to(at::kCPU, f64 ? at::kDouble : at::kFloat).contiguous();
   const std::vector<Item> items = make_items(g);
-  std::vector<at::Tensor> out;
-  for (const at::Tensor& c : g.chunks) out.push_back(empty_huge_pages({c.size(1)}, c.options()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.chunks[0].scalar_type(), "weighted_sum_cpu", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
       std::vector<const scalar_t*> rows(g.T);
       for (int64_t i = begin; i < end; ++i) {
@@ -186,22 +185,24 @@ std::vector<at::Tensor> weighted_sum_cpu(at::TensorList grads, const at::Tensor&
         const at::Tensor& chunk = g.chunks[it.chunk];
         const int64_t n = chunk.size(1);
         for (int64_t t = 0; t < g.T; ++t) rows[t] = chunk.data_ptr<scalar_t>() + t * n + it.begin;
-        using acc_t = typename Acc<scalar_t>::type;
         tile_weighted_sum(rows.data(), w.data_ptr<acc_t>(), g.T, it.end - it.begin,
                           out[it.chunk].data_ptr<scalar_t>() + it.begin);
       }
     });
   });
-  for (size_t i = 0; i < out.size(); ++i) {
-    std::vector<int64_t> shape(grads[i].sizes().begin() + 1, grads[i].sizes().end());
-    out[i] = out[i].view(shape);
-  }
-  return out;
+}
+
+std::vector<at::Tensor> weighted_sum_cpu(at::TensorList grads, const at::Tensor& weights) {
+  TORCH_CHECK(!grads.empty(), "weighted_sum: no gradients given");
+  return weighted_sum_alloc(
+      grads, weights, [](int64_t n, const at::TensorOptions& o) { return empty_huge_pages({n}, o); },
+      weighted_sum_out_cpu);
 }
 
 TORCH_LIBRARY_IMPL(mtvision, CPU, m) {
   m.impl("gram_matrix", &gram_matrix_cpu);
   m.impl("weighted_sum", &weighted_sum_cpu);
+  m.impl("weighted_sum_out", &weighted_sum_out_cpu);
 }
 
 }  // namespace mtvision

@@ -173,16 +173,14 @@ at::Tensor gram_matrix_cuda(at::TensorList grads) {
   return out;
 }
 
-std::vector<at::Tensor> weighted_sum_cuda(at::TensorList grads, const at::Tensor& weights) {
+void weighted_sum_out_cuda(at::TensorList grads, const at::Tensor& weights, at::TensorList out_list) {
   const GradChunks g = check_grad_chunks(grads, "weighted_sum");
-  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == g.T, "weighted_sum: weights must be [", g.T,
-              "], got shape ", weights.sizes());
+  check_weights(g, weights);
+  const std::vector<at::Tensor> out = flat_outputs(g, out_list);
   const at::Tensor& first = g.chunks[0];
   const c10::cuda::CUDAGuard guard(first.device());
   const auto dtype = first.scalar_type();
   const at::Tensor w = weights.to(first.device(), dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
-  std::vector<at::Tensor> out;
-  for (const at::Tensor& c : g.chunks) out.push_back(at::empty({c.size(1)}, c.options()));
   auto [table, items] = chunk_table(g, &out);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "weighted_sum_cuda", [&] {
@@ -192,11 +190,13 @@ std::vector<at::Tensor> weighted_sum_cuda(at::TensorList grads, const at::Tensor
         static_cast<int>(g.T), w.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  for (size_t i = 0; i < out.size(); ++i) {
-    std::vector<int64_t> shape(grads[i].sizes().begin() + 1, grads[i].sizes().end());
-    out[i] = out[i].view(shape);
-  }
-  return out;
+}
+
+std::vector<at::Tensor> weighted_sum_cuda(at::TensorList grads, const at::Tensor& weights) {
+  TORCH_CHECK(!grads.empty(), "weighted_sum: no gradients given");
+  return weighted_sum_alloc(
+      grads, weights, [](int64_t n, const at::TensorOptions& o) { return at::empty({n}, o); },
+      weighted_sum_out_cuda);
 }
 
 }  // namespace
@@ -204,6 +204,7 @@ std::vector<at::Tensor> weighted_sum_cuda(at::TensorList grads, const at::Tensor
 TORCH_LIBRARY_IMPL(mtvision, CUDA, m) {
   m.impl("gram_matrix", &gram_matrix_cuda);
   m.impl("weighted_sum", &weighted_sum_cuda);
+  m.impl("weighted_sum_out", &weighted_sum_out_cuda);
 }
 
 }  // namespace mtvision

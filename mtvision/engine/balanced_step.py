@@ -50,6 +50,7 @@ class GradientBalancer:
         self.level = level
         self.generator = generator
         self._buffers: Optional[list[Tensor]] = None
+        self._combined: Optional[list[Tensor]] = None  # persistent .grad storage of the shared parameters
         self.last_weights: Optional[Tensor] = None
         self.last_gram: Optional[Tensor] = None
 
@@ -102,7 +103,9 @@ class GradientBalancer:
             buffers = self._param_buffers(losses.shape[0])
             self._per_task_grads(losses, outputs, self.shared, buffers)
             w = self._weights(buffers, inv_scale)
-            for p, g in zip(self.shared, weighted_sum(buffers, w)):
+            if self._combined is None:
+                self._combined = [torch.empty_like(p) for p in self.shared]
+            for p, g in zip(self.shared, weighted_sum(buffers, w, out=self._combined)):
                 p.grad = g
             return w
         if features is None or head_inputs is None:

@@ -20,11 +20,21 @@ def gram_matrix(grads: Tensor | Sequence[Tensor]) -> Tensor:
     return _OPS.gram_matrix(_chunk_list(grads, "gram_matrix"))
 
 
-def weighted_sum(grads: Tensor | Sequence[Tensor], weights: Tensor) -> Tensor | list[Tensor]:
+def weighted_sum(grads: Tensor | Sequence[Tensor], weights: Tensor,
+                 out: Tensor | Sequence[Tensor] | None = None) -> Tensor | list[Tensor]:
     """``sum_t weights[t] * grads[t]``: ``[P]`` for ``[T,P]`` gradients, or one ``[...]`` tensor per
-    ``[T,...]`` chunk, each in its chunk's dtype (accumulated in float32 or wider)."""
-    out = _OPS.weighted_sum(_chunk_list(grads, "weighted_sum"), weights)
-    return out[0] if isinstance(grads, Tensor) else out
+    ``[T,...]`` chunk, each in its chunk's dtype (accumulated in float32 or wider).
+
+    ``out``: write into these tensors instead (same structure as the result, contiguous), e.g. the
+    parameters' persistent ``.grad`` buffers; not differentiable.
+    """
+    chunks = _chunk_list(grads, "weighted_sum")
+    if out is None:
+        result = _OPS.weighted_sum(chunks, weights)
+        return result[0] if isinstance(grads, Tensor) else result
+    outs = [out] if isinstance(out, Tensor) else list(out)
+    _OPS.weighted_sum_out(chunks, weights, outs)
+    return out if isinstance(out, Tensor) else outs
 
 
 def _chunk_list(grads, op: str) -> list[Tensor]:
@@ -45,6 +55,11 @@ def _gram_fake(grads):
 @torch.library.register_fake("mtvision::weighted_sum")
 def _weighted_sum_fake(grads, weights):
     return [g.new_empty(g.shape[1:]) for g in grads]
+
+
+@torch.library.register_fake("mtvision::weighted_sum_out")
+def _weighted_sum_out_fake(grads, weights, out):
+    return None
 
 
 def _gram_setup(ctx, inputs, output):

@@ -57,6 +57,22 @@ def test_weighted_sum_matches_reference(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_weighted_sum_into_given_tensors(device):
+    grads = chunks(4, SHAPES, torch.float32, device, seed=5)
+    w = torch.randn(4, device=device)
+    outs = [torch.full(g.shape[1:], float("nan"), device=device) for g in grads]  # every element written
+    returned = weighted_sum(grads, w, out=outs)
+    assert all(a is b for a, b in zip(returned, outs))
+    for a, b in zip(outs, weighted_sum(grads, w)):
+        assert torch.equal(a, b)
+    flat = torch.cat([g.reshape(4, -1) for g in grads], dim=1)
+    out = torch.empty(flat.shape[1], device=device)
+    assert weighted_sum(flat, w, out=out) is out
+    with pytest.raises(RuntimeError, match="output 0 must be a contiguous"):
+        weighted_sum(grads, w, out=[torch.empty(3, device=device)] + outs[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_half_precision_gram_accumulates_in_float32(device):
     grads = chunks(3, [(200000,)], torch.bfloat16, device)
     got = gram_matrix(grads)
@@ -98,6 +114,8 @@ def test_opcheck(device):
     grads = chunks(3, [(4, 2), (5,), ()], torch.float32, device)
     torch.library.opcheck(torch.ops.mtvision.gram_matrix.default, (grads,))
     torch.library.opcheck(torch.ops.mtvision.weighted_sum.default, (grads, torch.randn(3, device=device)))
+    outs = [torch.empty(g.shape[1:], device=device) for g in grads]
+    torch.library.opcheck(torch.ops.mtvision.weighted_sum_out.default, (grads, torch.randn(3, device=device), outs))
 
 
 def test_torch_compile_fullgraph():
