@@ -180,8 +180,7 @@ def build_task_balancer(cfg, model, tasks: list[str]):
         raise ConfigError(str(exc)) from exc
     if not is_gradient_method(name):
         return method
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    generator = torch.Generator().manual_seed(int(cfg.seed))  # the T x T problem is solved on the host
     return GradientBalancer(method, list(model.shared_parameters()),
                             [list(model.task_parameters(t)) for t in tasks], level=cfg.balancer.level,
                             generator=generator)
