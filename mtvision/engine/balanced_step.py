@@ -9,6 +9,14 @@ one combined gradient, without flattening and without a host sync per task pair.
   features (the neck's levels), which only costs T backward passes through the heads; their weighted
   combination is then back-propagated through the backbone once.
 
+Under torch.distributed (DDP launched by torchrun), the per-task gradients of the local batch are
+averaged across processes before the Gramian, so every process computes the same weights and the same
+update as one process on the global batch: at the parameter level the T x P buffers and the heads'
+gradients live in one flat tensor, reduced by one all-reduce (not T); at the representation level the
+T x T Gramian is summed across processes (one small all-reduce) and the parameter gradients are
+averaged with one more. Run the forward and this backward under DDP's ``no_sync()`` so that DDP's own
+reducer stays out of it.
+
 Task-specific parameters (a head) get the gradient of their own task's loss. With fp16 loss scaling
 the per-task losses come in scaled; the Gramian is unscaled (divided by scale^2) before the weights
 are computed, and the combined gradient stays scaled for ``GradScaler.step``.
@@ -20,6 +28,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..balancing import GradientAggregator
@@ -38,11 +47,13 @@ class GradientBalancer:
         level: ``"param"`` or ``"rep"``.
         generator: random source of stochastic methods (PCGrad); a CPU generator (the weights are
             solved on the host).
+        distributed: average across torch.distributed processes; ``None``: when a process group with
+            more than one process is initialised.
     """
 
     def __init__(self, aggregator: GradientAggregator, shared: Sequence[Tensor],
                  task_params: Sequence[Sequence[Tensor]], level: str = "param",
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, distributed: Optional[bool] = None):
         if level not in ("param", "rep"):
             raise ValueError(f"balancer.level: expected 'param' or 'rep', got {level!r}")
         self.aggregator = aggregator
@@ -50,15 +61,36 @@ class GradientBalancer:
         self.task_params = [[p for p in ps if p.requires_grad] for ps in task_params]
         self.level = level
         self.generator = generator
+        self.distributed = distributed
+        self._flat: Optional[Tensor] = None  # per-task shared rows, then the heads' gradients
         self._buffers: Optional[list[Tensor]] = None
+        self._head_grads: Optional[list[Tensor]] = None
         self._combined: Optional[list[Tensor]] = None  # persistent .grad storage of the shared parameters
         self.last_weights: Optional[Tensor] = None
         self.last_gram: Optional[Tensor] = None
 
+    def _world_size(self) -> int:
+        if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size()
+
     def _param_buffers(self, T: int) -> list[Tensor]:
+        """Per shared parameter a contiguous [T, *p.shape] buffer, and per head parameter a gradient
+        buffer, all views of one flat tensor (allocated once) so that one all-reduce covers them."""
         if self._buffers is None or self._buffers[0].shape[0] != T:
-            self._buffers = [torch.empty((T, *p.shape), dtype=p.dtype, device=p.device) for p in self.shared]
+            heads = [p for ps in self.task_params for p in ps]
+            sizes = [T * p.numel() for p in self.shared] + [p.numel() for p in heads]
+            ref = self.shared[0]
+            self._flat = torch.empty(sum(sizes), dtype=ref.dtype, device=ref.device)
+            views = list(torch.split(self._flat, sizes))
+            self._buffers = [v.view(T, *p.shape) for v, p in zip(views, self.shared)]
+            self._head_grads = [v.view(p.shape) for v, p in zip(views[len(self.shared):], heads)]
         return self._buffers
+
+    def _average_across_processes(self, tensor: Tensor) -> None:
+        if self._world_size() > 1:
+            dist.all_reduce(tensor)
+            tensor.div_(self._world_size())
 
     def _per_task_grads(self, losses: Tensor, outputs: Sequence[Tensor], inputs: Sequence[Tensor],
                         buffers: Sequence[Tensor]) -> None:
@@ -86,8 +118,14 @@ class GradientBalancer:
             for p, g in zip(params, grads[n:]):
                 p.grad = g if g is not None else torch.zeros_like(p)
 
-    def _weights(self, buffers: Sequence[Tensor], inv_scale: Optional[float]) -> Tensor:
+    def _weights(self, buffers: Sequence[Tensor], inv_scale: Optional[float],
+                 sum_across_processes: bool = False) -> Tensor:
         gram = gram_matrix(buffers)
+        if sum_across_processes and self._world_size() > 1:
+            # feature gradients of different samples are different coordinates: the global Gramian
+            # is the sum of the local ones (scaled as the mean loss over the global batch)
+            dist.all_reduce(gram)
+            gram = gram / (self._world_size() ** 2)
         if inv_scale is not None:
             gram = gram * (inv_scale * inv_scale)
         self.last_gram = gram
@@ -110,6 +148,12 @@ class GradientBalancer:
         if self.level == "param":
             buffers = self._param_buffers(losses.shape[0])
             self._per_task_grads(losses, outputs, self.shared, buffers)
+            if self._world_size() > 1:  # heads' gradients into the flat tensor: one all-reduce for all
+                heads = [p for ps in self.task_params for p in ps]
+                torch._foreach_copy_(self._head_grads, [p.grad for p in heads])
+                self._average_across_processes(self._flat)
+                for p, g in zip(heads, self._head_grads):
+                    p.grad = g
             w = self._weights(buffers, inv_scale)
             if self._combined is None:
                 self._combined = [torch.empty_like(p) for p in self.shared]
@@ -121,6 +165,13 @@ class GradientBalancer:
         T = losses.shape[0]
         buffers = [f.new_empty((T, *f.shape)) for f in head_inputs]
         self._per_task_grads(losses, outputs, head_inputs, buffers)
-        w = self._weights(buffers, inv_scale)
+        w = self._weights(buffers, inv_scale, sum_across_processes=True)
         torch.autograd.backward(list(features), weighted_sum(buffers, w))
+        if self._world_size() > 1:  # the local batch's share of every parameter's gradient, averaged
+            params = [*self.shared, *(p for ps in self.task_params for p in ps)]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self._average_across_processes(flat)
+            for p, g in zip(params, torch.split(flat, [q.numel() for q in params])):
+                p.grad = g.view(p.shape)
         return w
