@@ -82,23 +82,17 @@ MTV_SIMD_CLONES void tile_gram(const T* const* rows, int64_t T_, int64_t n, doub
           l11[l] = c11[l];
         }
       }
-      for (; j + kLanes <= n; j += kLanes)
-        for (int64_t l = 0; l < kLanes; ++l) {
-          const acc_t x0 = static_cast<acc_t>(a0[j + l]), x1 = static_cast<acc_t>(a1[j + l]);
-          const acc_t y0 = static_cast<acc_t>(b0[j + l]), y1 = static_cast<acc_t>(b1[j + l]);
-          l00[l] += x0 * y0;
-          l01[l] += x0 * y1;
-          l10[l] += x1 * y0;
-          l11[l] += x1 * y1;
-        }
-      for (int64_t l = 0; j + l < n; ++l) {
-        const acc_t x0 = static_cast<acc_t>(a0[j + l]), x1 = static_cast<acc_t>(a1[j + l]);
-        const acc_t y0 = static_cast<acc_t>(b0[j + l]), y1 = static_cast<acc_t>(b1[j + l]);
+      auto accumulate = [&](int64_t col, int64_t l) {
+        const acc_t x0 = static_cast<acc_t>(a0[col]), x1 = static_cast<acc_t>(a1[col]);
+        const acc_t y0 = static_cast<acc_t>(b0[col]), y1 = static_cast<acc_t>(b1[col]);
         l00[l] += x0 * y0;
         l01[l] += x0 * y1;
         l10[l] += x1 * y0;
         l11[l] += x1 * y1;
-      }
+      };
+      for (; j + kLanes <= n; j += kLanes)
+        for (int64_t l = 0; l < kLanes; ++l) accumulate(j + l, l);
+      for (int64_t l = 0; j + l < n; ++l) accumulate(j + l, l);
       sums[s * T_ + t] += lane_sum(l00);
       if (t1 != t) sums[s * T_ + t1] += lane_sum(l01);
       if (s1 != s && s1 <= t) sums[s1 * T_ + t] += lane_sum(l10);
