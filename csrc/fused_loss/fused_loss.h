@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include "acc_type.h"
+
 #include <array>
 #include <tuple>
 
@@ -34,9 +36,7 @@ struct FusedLossInputs {
   }
 };
 
-// Accumulation type of the kernels: float32 for float32/float16/bfloat16 inputs, float64 for float64.
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
+
 
 FusedLossInputs check_fused_loss_inputs(
     const c10::optional<at::Tensor>& seg_logits, const c10::optional<at::Tensor>& seg_target,

@@ -3,6 +3,8 @@
 // products into float64 sums; items are summed in order at the end (thread-count independent).
 #include "gram.h"
 
+#include "acc_type.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -33,15 +35,13 @@ std::vector<Item> make_items(const GradChunks& g) {
   return items;
 }
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
 
 // Dot products of all row pairs s <= t of rows[0..T) over n columns, added to sums[s * T + t]. Pairs
 // go in 2x2 register blocks (four dot products from four loads per column), each dot keeping kLanes
 // independent partial sums so that it vectorizes without reassociating float additions.
 template <typename T>
 MTV_SIMD_CLONES void tile_gram(const T* const* rows, int64_t T_, int64_t n, double* sums) {
-  using acc_t = typename Acc<T>::type;
+  using acc_t = typename AccType<T>::type;
   constexpr int64_t kLanes = 16;
   auto lane_sum = [](const acc_t* lane) {
     acc_t acc = 0;
@@ -102,7 +102,7 @@ MTV_SIMD_CLONES void tile_gram(const T* const* rows, int64_t T_, int64_t n, doub
 }
 
 // out[j] = sum_t w[t] * rows[t][j] over n columns.
-template <typename T, typename acc_t = typename Acc<T>::type>
+template <typename T, typename acc_t = typename AccType<T>::type>
 MTV_SIMD_CLONES void tile_weighted_sum(const T* const* rows, const acc_t* w, int64_t T_, int64_t n,
                                        T* __restrict out) {
   constexpr int64_t kTile = 256;
@@ -171,7 +171,7 @@ void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::T
   const at::Tensor w = weights.to(at::kCPU, f64 ? at::kDouble : at::kFloat).contiguous();
   const std::vector<Item> items = make_items(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.chunks[0].scalar_type(), "weighted_sum_cpu", [&] {
-    using acc_t = typename Acc<scalar_t>::type;
+    using acc_t = typename AccType<scalar_t>::type;
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
       std::vector<const scalar_t*> rows(g.T);
       for (int64_t i = begin; i < end; ++i) {

@@ -4,6 +4,8 @@
 // partials in order (deterministic, no second launch).
 #include "gram.h"
 
+#include "acc_type.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -22,8 +24,6 @@ constexpr int kThreads = 256;
 constexpr int64_t kItemColumns = 16 * kThreads;  // columns per block
 constexpr int kMaxTasks = 16;
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
 
 struct ChunkDesc {
   const void* src;     // [T, n] contiguous
@@ -45,10 +45,10 @@ __device__ __forceinline__ int find_chunk(const ChunkDesc* table, int num_chunks
 
 template <typename T, int MAXT>
 __global__ void __launch_bounds__(kThreads) gram_kernel(const ChunkDesc* table, int num_chunks, int T_,
-                                                        typename Acc<T>::type* partials,
+                                                        typename AccType<T>::type* partials,
                                                         unsigned int* blocks_done,
-                                                        typename Acc<T>::type* out) {
-  using acc_t = typename Acc<T>::type;
+                                                        typename AccType<T>::type* out) {
+  using acc_t = typename AccType<T>::type;
   constexpr int NP = MAXT * (MAXT + 1) / 2;
   const int64_t item = blockIdx.x;
   const ChunkDesc c = table[find_chunk(table, num_chunks, item)];
@@ -106,8 +106,8 @@ __global__ void __launch_bounds__(kThreads) gram_kernel(const ChunkDesc* table, 
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(const ChunkDesc* table, int num_chunks,
-                                                                int T_, const typename Acc<T>::type* w) {
-  using acc_t = typename Acc<T>::type;
+                                                                int T_, const typename AccType<T>::type* w) {
+  using acc_t = typename AccType<T>::type;
   const int64_t item = blockIdx.x;
   const ChunkDesc c = table[find_chunk(table, num_chunks, item)];
   const T* src = static_cast<const T*>(c.src);
@@ -156,7 +156,7 @@ at::Tensor gram_matrix_cuda(at::TensorList grads) {
   at::Tensor partials = at::empty({items * np}, first.options().dtype(out_dtype));
   at::Tensor done = at::zeros({1}, first.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gram_matrix_cuda", [&] {
-    using acc_t = typename Acc<scalar_t>::type;
+    using acc_t = typename AccType<scalar_t>::type;
     const auto* tab = reinterpret_cast<const ChunkDesc*>(table.data_ptr());
     const int nc = static_cast<int>(g.chunks.size());
     auto launch = [&](auto kernel) {
@@ -184,7 +184,7 @@ void weighted_sum_out_cuda(at::TensorList grads, const at::Tensor& weights, at::
   auto [table, items] = chunk_table(g, &out);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "weighted_sum_cuda", [&] {
-    using acc_t = typename Acc<scalar_t>::type;
+    using acc_t = typename AccType<scalar_t>::type;
     weighted_sum_kernel<scalar_t><<<static_cast<unsigned int>(items), kThreads, 0, stream>>>(
         reinterpret_cast<const ChunkDesc*>(table.data_ptr()), static_cast<int>(g.chunks.size()),
         static_cast<int>(g.T), w.data_ptr<acc_t>());
