@@ -14,6 +14,9 @@ STAMP := $(VENV)/.mtvision-installed
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 CMAKE_BUILD := build-cmake
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+# torch's CMake config probes for a GPU unless given architectures, also when `cmake --build`
+# re-runs the configure step after a source file is added.
+CMAKE_ENV := TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}"
 
 .PHONY: install demo test pytest ctest bench clean
 
@@ -45,8 +48,8 @@ ctest: $(STAMP)
 	  else echo "make ctest: GoogleTest is missing: install Debian's libgtest-dev (sudo apt-get install libgtest-dev)"; exit 1; fi; \
 	fi
 	@command -v cmake >/dev/null || { echo "make ctest: cmake is missing (apt-get install cmake)"; exit 1; }
-	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" $(PY) tools/cmake_configure.py $(CMAKE_BUILD)
-	cmake --build $(CMAKE_BUILD) -j2
+	$(CMAKE_ENV) $(PY) tools/cmake_configure.py $(CMAKE_BUILD)
+	$(CMAKE_ENV) cmake --build $(CMAKE_BUILD) -j2
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
 bench: $(STAMP)
