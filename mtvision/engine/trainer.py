@@ -174,9 +174,11 @@ class Trainer:
                 total = total + extra
         else:
             weights, total = None, task_losses.sum()
-        losses = {t: task_losses[i] for i, t in enumerate(self.tasks)}
-        losses["total"] = total
-        values = dict(zip(losses, torch.stack(list(losses.values())).detach().tolist()))  # one device sync
+        logged = {t: task_losses[i] for i, t in enumerate(self.tasks)}
+        logged["total"] = total
+        if weights is not None:  # a loss weighting's weights are known now: read them in the same sync
+            logged.update({f"weight/{t}": weights[i].to(total.dtype) for i, t in enumerate(self.tasks)})
+        values = dict(zip(logged, torch.stack(list(logged.values())).detach().float().tolist()))  # one sync
         self.optimizer.zero_grad(set_to_none=True)
         skipped = not math.isfinite(values["total"])
         if not skipped:
@@ -206,7 +208,7 @@ class Trainer:
                         with torch.no_grad(), self.autocast():
                             new_losses = self.loss_fn.task_losses(self.model(images), batch)
                     self.loss_weighting.update(task_losses.detach(), new_losses)
-        if weights is not None:
+        if self.grad_balancer is not None and weights is not None:  # solved on the host: no extra sync
             values.update({f"weight/{t}": w for t, w in zip(self.tasks, weights.detach().float().tolist())})
         if skipped:
             self.skipped_steps += 1
@@ -352,7 +354,8 @@ class Trainer:
         steps = self.iteration - self._last_log_iter
         self._last_log_iter = self.iteration
         lr = self.optimizer.param_groups[-1]["lr"]
-        self.writer.add_scalars("train", {f"loss/{k}": v for k, v in means.items()}, self.iteration)
+        self.writer.add_scalars("train", {k if k.startswith("weight/") else f"loss/{k}": v
+                                          for k, v in means.items()}, self.iteration)
         ms, data_ms = elapsed / max(steps, 1) * 1e3, data_time / max(steps, 1) * 1e3
         self.writer.add_scalars("train", {"lr": lr, "skipped_steps": self.skipped_steps, "ms_per_iter": ms,
                                           "data_ms_per_iter": data_ms}, self.iteration)
