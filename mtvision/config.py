@@ -28,6 +28,7 @@ import yaml
 __all__ = [
     "ConfigError",
     "Config",
+    "AugmentConfig",
     "DataConfig",
     "ModelConfig",
     "LossConfig",
@@ -76,8 +77,32 @@ def _f(default, check=None):
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentation (``mtvision.data.transforms``), applied jointly to the image and every
+    label so geometry stays right. The defaults do nothing.
+
+    ``hflip``: probability of a horizontal flip (negates the normal's x component). ``scale_range``:
+    a random scale factor ``s`` drawn uniformly from ``[lo, hi]`` (metric depth is divided by ``s``,
+    labels resized with nearest neighbour). ``crop``: (H, W) random crop taken after scaling, padded with
+    ignore/invalid values where the scaled image is smaller; ``null`` crops back to ``data.size``.
+    ``color_jitter``: strength in [0, 1) of brightness/contrast/saturation jitter (image only).
+    """
+
+    hflip: float = _f(0.0, (">= 0 and <= 1", lambda v: 0.0 <= v <= 1.0))
+    scale_range: tuple[float, float] = _f((1.0, 1.0), ("two values 0 < lo <= hi",
+                                                       lambda v: 0 < v[0] <= v[1]))
+    crop: Optional[tuple[int, int]] = _f(None, _POSITIVE)
+    color_jitter: float = _f(0.0, (">= 0 and < 1", lambda v: 0.0 <= v < 1.0))
+
+
+@dataclass
 class DataConfig:
-    """Dataset and loader. ``size`` is (H, W) in pixels; ``mean``/``std`` are per RGB channel in [0, 1]."""
+    """Dataset and loader. ``size`` is (H, W) in pixels; ``mean``/``std`` are per RGB channel in [0, 1].
+
+    ``kwargs`` go to the dataset class (e.g. NYUv2's ``eigen_crop``); ``augment`` is used for the training
+    split only; ``skip_bad``: a sample that cannot be read (corrupt or missing file, wrong shape, label out
+    of range) is skipped and counted instead of stopping the run with an error naming the file.
+    """
 
     dataset: str = "synthetic"
     root: Optional[str] = None
@@ -92,6 +117,9 @@ class DataConfig:
     std: tuple[float, float, float] = _f((0.229, 0.224, 0.225), _POSITIVE)
     num_classes: int = _f(6, _POSITIVE)
     tasks: list[str] = _f(["seg", "depth", "normal"], _NONEMPTY)
+    kwargs: dict[str, Any] = _f({})
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    skip_bad: bool = False
 
 
 @dataclass
@@ -150,6 +178,16 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     grad_clip: Optional[float] = _f(None, _POSITIVE)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: memory format of the images and the model's weights (NHWC is faster for convolutions on GPU)
+    channels_last: bool = False
+    #: ``torch.compile`` the model (the fused loss op is compile-safe)
+    compile: bool = False
+    #: convert BatchNorm layers to SyncBatchNorm when training on more than one process
+    sync_bn: bool = False
+    #: stop with an error after this many non-finite steps in a row (each one is skipped and counted)
+    max_consecutive_skips: int = _f(20, _POSITIVE)
+    #: ask torch for deterministic kernels (``torch.use_deterministic_algorithms``)
+    deterministic: bool = False
 
 
 @dataclass

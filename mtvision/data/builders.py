@@ -52,4 +52,10 @@ def build_dataset(data: DataConfig, split: str, seed: int = 0) -> Dataset:
             mean=tuple(data.mean),
             std=tuple(data.std),
         )
-    raise ConfigError(f"data.dataset: no builder for {data.dataset!r}")
+    if data.root is None:
+        raise ConfigError(f"data.root: the {data.dataset!r} dataset reads files; set data.root to its folder")
+    from .transforms import build_transform
+
+    train = split == "train"
+    return cls.from_config(data, data.train_split if train else data.val_split,
+                           transform=build_transform(data, train=train), seed=seed)

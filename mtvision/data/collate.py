@@ -14,9 +14,18 @@ def collate_samples(batch: list[dict]) -> dict:
     ``image [B,3,H,W]``, ``seg [B,H,W]``, ``depth [B,1,H,W]``, ``normal [B,3,H,W]`` are stacked (only the
     keys present in the samples); ``boxes``, ``labels``, ``meta`` and any other key become lists of
     length B (boxes differ in number per image). Every sample must have the same keys.
+
+    ``None`` entries (samples a dataset with ``skip_bad`` could not read) are dropped and counted in
+    ``num_skipped`` (present only when some were); a batch of nothing but skipped samples is
+    ``{"num_skipped": n}``.
     """
     if not batch:
         raise ValueError("collate_samples: empty batch")
+    skipped = sum(sample is None for sample in batch)
+    if skipped:
+        batch = [sample for sample in batch if sample is not None]
+        if not batch:
+            return {"num_skipped": skipped}
     keys = list(batch[0].keys())
     for i, sample in enumerate(batch):
         if set(sample.keys()) != set(keys):
@@ -33,4 +42,6 @@ def collate_samples(batch: list[dict]) -> dict:
             out[key] = torch.stack(values, dim=0)
         else:
             out[key] = values
+    if skipped:
+        out["num_skipped"] = skipped
     return out

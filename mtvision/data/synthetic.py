@@ -586,7 +586,9 @@ class SyntheticScenes(Dataset):
         out.update(scene=scene, boxes=boxes, labels=labels, box_objects=keep)
         return out
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index) -> dict:
+        if isinstance(index, tuple):  # (index, augmentation seed) from the training sampler: no augmentation
+            index = index[0]
         index = self._check_index(index)
         r = self.render(index)
         image = (r["rgb"].transpose(2, 0, 1) - self.mean) / self.std
