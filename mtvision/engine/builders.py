@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError, OptimizerConfig, ScheduleConfig
 from ..data import collate_samples
@@ -20,6 +20,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "check_amp",
+    "check_train_switches",
     "build_task_balancer",
     "check_tasks",
     "resolve_device",
@@ -55,23 +56,36 @@ def seed_worker(worker_id: int) -> None:
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int, *, train: bool,
-                     seed: int = 0) -> DataLoader:
-    """A loader of ``collate_samples`` batches.
+                     seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A loader of ``collate_samples`` batches for process ``rank`` of ``world_size``.
 
-    Training: shuffled by a generator seeded with ``seed`` (each pass over the data draws the next
-    permutation from it), incomplete last batch dropped, workers kept alive across epochs.
-    Evaluation: in order, every sample once. Raises ConfigError when a training set is smaller than one
-    batch (the loop would never get a batch).
+    ``batch_size`` is the global batch (``data.batch_size``): each process loads ``batch_size /
+    world_size`` samples per step, so the same config trains the same way on any number of processes.
+    Training: a :class:`~mtvision.data.samplers.TrainSampler` (seeded per epoch, resumable mid-epoch
+    through ``loader.sampler.set_epoch(epoch, start_batch)``; samples come with their augmentation seed),
+    workers kept alive across epochs. Evaluation: in order, every sample exactly once over all processes
+    (:class:`~mtvision.data.samplers.ShardSampler`). ConfigError when the global batch does not split
+    evenly or a training set is smaller than one global batch.
     """
+    from ..data.samplers import ShardSampler, TrainSampler
+
+    if batch_size % world_size:
+        raise ConfigError(f"data.batch_size ({batch_size}) is the global batch and must be divisible by the "
+                          f"number of processes ({world_size})")
+    local_batch = batch_size // world_size
     if train and len(dataset) < batch_size:
         raise ConfigError(f"data.batch_size ({batch_size}) is larger than the training set "
                           f"({len(dataset)} samples, data.num_train)")
     generator = torch.Generator()
     generator.manual_seed(seed)
-    sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
+    if train:
+        sampler = TrainSampler(dataset, world_size, rank, seed=seed, batch_size=local_batch)
+        sampler.set_epoch(0)
+    else:
+        sampler = ShardSampler(dataset, world_size, rank)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=local_batch,
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_samples,
@@ -211,6 +225,15 @@ def check_tasks(cfg) -> list[str]:
         if t not in tasks:
             raise ConfigError(f"loss.weights.{t}: no such task (data.tasks: {', '.join(tasks)})")
     return tasks
+
+
+def check_train_switches(train, device: torch.device, world_size: int) -> None:
+    """ConfigError naming the ``train.*`` key of a speed switch this setup cannot run: ``sync_bn`` with
+    several processes needs CUDA (torch's SyncBatchNorm has no CPU kernel)."""
+    if train.sync_bn and world_size > 1 and device.type != "cuda":
+        raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA devices (torch has no CPU implementation); "
+                          "set it to false on CPU, or use a model without BatchNorm (e.g. "
+                          "model.backbone.timm_kwargs.norm_layer=groupnorm)")
 
 
 def check_amp(amp: str, device: torch.device) -> str:

@@ -3,24 +3,31 @@
 A checkpoint is a dict of plain data only (tensors, dicts, lists, str, numbers, None), so
 ``torch.load(..., weights_only=True)`` reads it without unpickling arbitrary objects::
 
-    {"format": 1, "iteration": int, "model": state_dict, "optimizer": state_dict | absent,
-     "scheduler": state_dict | absent, "scaler": state_dict | absent, "metrics": {"task/metric": float},
-     "best_score": float | None, "config": config_to_dict(cfg)}
+    {"format": 2, "iteration": int, "model": state_dict, "optimizer": state_dict,
+     "scheduler": state_dict, "scaler": state_dict | absent, "balancer": state | absent,
+     "metrics": {"task/metric": float}, "best_score": float | None, "config": config_to_dict(cfg),
+     "rng": [rng_state() of each rank], "data": {"epoch", "batch_in_epoch", "world_size"},
+     "counters": {...}, "best": {...}, "history": [...]}
+
+Format 1 (before resumable training) lacks the last six; it still loads for evaluation and inference.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_weights"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_weights",
+           "rng_state", "set_rng_state"]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 PathLike = Union[str, os.PathLike]
 
@@ -92,3 +99,35 @@ def load_model_weights(model: nn.Module, path: PathLike) -> dict[str, Any]:
     except RuntimeError as e:  # shape mismatches
         raise CheckpointError(f"checkpoint {path} does not match the model: {e}") from e
     return state
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random states (Python, NumPy's global generator, torch CPU and every CUDA device)
+    as plain data that a ``weights_only`` load accepts."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].cpu().numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in states])

@@ -88,7 +88,11 @@ def test_loader_order_depends_only_on_seed(tmp_path):
 
     def order(seed):
         loader = build_dataloader(ds, 4, 0, train=True, seed=seed)
-        return [tuple(m["index"] for m in b["meta"]) for _ in range(2) for b in loader]
+        out = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            out += [tuple(m["index"] for m in b["meta"]) for b in loader]
+        return out
 
     assert order(5) == order(5)
     assert order(5) != order(6)

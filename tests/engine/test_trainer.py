@@ -38,8 +38,7 @@ def test_steps_on_a_fixed_batch_lower_the_loss(tmp_path):
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
     def run(seed):
         trainer = Trainer(tiny_config(tmp_path, [f"seed={seed}"]), console=False, progress=False)
-        batches = trainer._batches()
-        return [trainer.train_step(next(batches))["total"] for _ in range(3)], trainer
+        return [trainer.train_step(trainer._next_batch())["total"] for _ in range(3)], trainer
 
     a, ta = run(0)
     b, tb = run(0)
