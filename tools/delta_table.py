@@ -32,13 +32,12 @@ except ImportError:  # a checkout without `pip install -e .`
 from mtvision.balancing import is_gradient_method
 from mtvision.config import load_config
 from mtvision.engine.cli import exit_on_user_error
-from mtvision.evaluation import delta_m
+from mtvision.evaluation import DELTA_M_METRICS, delta_m
 
 CONFIGS = ROOT / "configs" / "synthetic"
 BASELINES = {task: CONFIGS / f"stl_{task}.yaml" for task in ("seg", "depth", "normal")}
 #: The metrics of Δm (the NYUv2 convention of Nash-MTL / FAMO).
-METRICS = ["seg/mIoU", "seg/pixAcc", "depth/abs_err", "depth/rel_err", "normal/mean", "normal/median",
-           "normal/within_11.25", "normal/within_22.5", "normal/within_30"]
+METRICS = list(DELTA_M_METRICS)
 COLUMNS = ["seg/mIoU", "depth/abs_err", "normal/mean"]
 
 

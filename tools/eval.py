@@ -1,9 +1,21 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint on the validation split:
-``python tools/eval.py CONFIG --checkpoint PATH [--out FILE] [key=value ...]``.
+``python tools/eval.py CONFIG --checkpoint PATH [--out FILE] [--baselines FILE ...] [--cityscapes-export DIR]
+[key=value ...]``.
 
 Prints a table of every metric and, with ``--out``, writes ``{"checkpoint", "iteration", "metrics"}`` as
-JSON (metrics flat, ``"task/metric"``).
+JSON (metrics flat, ``"task/metric"``). The metrics are computed at the config's ``data.size``.
+
+``--baselines FILE ...``: also print Δm (percent, lower is better; Nash-MTL / FAMO convention) and each
+metric's relative change against single-task results: ``metrics.json`` files of tools/train.py,
+``--out`` files of this tool (their standard Δm metrics: seg mIoU/pixAcc, depth abs/rel err, normal angles),
+or plain JSON objects ``{"seg/mIoU": 53.9, "depth/abs_err": 0.38}`` (every key they list). With ``--out``,
+``delta_m`` and ``relative_changes`` are written too.
+
+``--cityscapes-export DIR`` (19-class Cityscapes configs): writes every validation prediction as an
+official result PNG, ``DIR/{city}_{seq}_{frame}_pred.png`` of label ids at the image's original size
+(logits resized bilinearly, then argmax), for cityscapesscripts' ``evalPixelLevelSemanticLabeling``
+(``python -m mtvision.evaluation.cityscapes_export CITYSCAPES_ROOT DIR`` runs it).
 """
 
 from __future__ import annotations
@@ -17,10 +29,36 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mtvision.config import ConfigError
 from mtvision.engine import autocast_context, evaluate_model, write_json
 from mtvision.engine.cli import (add_config_arguments, config_from_args, exit_on_user_error,
                                  load_trained_model, val_loader)
 from mtvision.engine.logging import format_table
+from mtvision.evaluation import read_baselines, relative_changes
+
+
+def check_cityscapes_export(cfg) -> None:
+    """ConfigError unless ``cfg`` evaluates 19-class Cityscapes segmentation (what the official script
+    scores)."""
+    if cfg.data.dataset != "cityscapes":
+        raise ConfigError(f"--cityscapes-export: needs data.dataset=cityscapes, got {cfg.data.dataset!r}")
+    if "seg" not in cfg.data.tasks:
+        raise ConfigError(f"--cityscapes-export: needs the seg task in data.tasks, "
+                          f"got {list(cfg.data.tasks)}")
+    if cfg.data.num_classes != 19:
+        raise ConfigError(f"--cityscapes-export: the official evaluation scores the 19 train-id classes; "
+                          f"data.num_classes is {cfg.data.num_classes} (the 7-category set has no official "
+                          f"label-id export)")
+
+
+def print_delta(metrics: dict, baselines: dict, source: str) -> dict:
+    """Print Δm and the per-metric relative changes; returns ``{"delta_m", "relative_changes"}``."""
+    terms = relative_changes(metrics, baselines)
+    dm = sum(terms.values()) / len(terms)
+    print()
+    print(format_table(list(terms), {"result": metrics, "baseline": baselines, "change % (Δm sign)": terms}))
+    print(f"Δm = {dm:+.2f} % against {source} (mean of the changes; negative = better than the baselines)")
+    return {"delta_m": dm, "relative_changes": terms}
 
 
 @exit_on_user_error
@@ -30,20 +68,51 @@ def main(argv=None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--checkpoint", required=True, help="a .pth written by tools/train.py")
     parser.add_argument("--out", help="write the metrics to this JSON file")
+    parser.add_argument("--baselines", nargs="+", metavar="FILE",
+                        help="single-task metrics file(s): print Δm against them")
+    parser.add_argument("--cityscapes-export", metavar="DIR",
+                        help="write official Cityscapes result PNGs (label ids, full resolution) into DIR")
     args = parser.parse_intermixed_args(argv)
     cfg = config_from_args(args)
+    baselines = None
+    if args.baselines:  # read before the (long) evaluation, so a bad file fails fast
+        try:
+            baselines = read_baselines(args.baselines)
+        except ValueError as e:
+            raise ConfigError(f"--baselines: {e}") from None
+    if args.cityscapes_export:
+        check_cityscapes_export(cfg)
     model, state, device = load_trained_model(cfg, args.checkpoint)
     dataset, loader = val_loader(cfg)
+    on_batch = None
+    if args.cityscapes_export:
+        from mtvision.evaluation.cityscapes_export import CityscapesExporter
+
+        exporter = CityscapesExporter(args.cityscapes_export, cfg.data.num_classes)
+        on_batch = lambda batch, out: exporter.add(out["seg"], batch["meta"])  # noqa: E731
     metrics = evaluate_model(model, loader, list(cfg.data.tasks), cfg.data.num_classes,
                              cfg.loss.ignore_index, device, autocast_context(cfg.train.amp, device),
-                             getattr(dataset, "classes", None))
+                             getattr(dataset, "classes", None), on_batch=on_batch)
     title = f"{Path(args.checkpoint).name} (iter {state.get('iteration')})"
     print(format_table(list(metrics), {title: metrics}))
+    summary = {"checkpoint": str(args.checkpoint), "iteration": state.get("iteration"),
+               "num_samples": len(dataset), "metrics": metrics}
+    rc = 0
+    if baselines is not None:
+        try:
+            summary.update(print_delta(metrics, baselines, " ".join(args.baselines)))
+        except ValueError as e:
+            print(f"error: --baselines: {e}", file=sys.stderr)
+            rc = 2
+    if args.cityscapes_export:
+        print(f"wrote {exporter.num_written} Cityscapes result PNGs to {args.cityscapes_export} (official "
+              f"evaluation at full resolution: python -m mtvision.evaluation.cityscapes_export "
+              f"{cfg.data.root} {args.cityscapes_export}"
+              f"{'' if cfg.data.val_split == 'val' else ' --split ' + cfg.data.val_split})")
     if args.out:
-        write_json({"checkpoint": str(args.checkpoint), "iteration": state.get("iteration"),
-                    "num_samples": len(dataset), "metrics": metrics}, args.out)
+        write_json(summary, args.out)
         print(f"wrote {args.out}")
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

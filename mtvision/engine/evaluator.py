@@ -47,19 +47,24 @@ def _flat(task: str, values: Mapping, class_names: Optional[Sequence[str]]) -> d
 @torch.no_grad()
 def evaluate(predict: Callable[[Tensor], Mapping[str, Tensor]], loader: Iterable[dict], tasks: Sequence[str],
              num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu",
-             class_names: Optional[Sequence[str]] = None) -> dict[str, float]:
+             class_names: Optional[Sequence[str]] = None,
+             on_batch: Optional[Callable[[dict, Mapping[str, Tensor]], None]] = None) -> dict[str, float]:
     """Run ``predict(images [B,3,H,W]) -> {task: prediction}`` over ``loader`` and return flat metrics.
 
     Keys: ``seg/mIoU``, ``seg/pixAcc`` and per-class ``seg/IoU/<name>`` (percent; segmentation is scored on
     ``argmax`` of the logits), ``depth/abs_err``, ``depth/rel_err``, ``depth/rmse``, ``depth/log10``,
     ``depth/delta1..3``, ``normal/mean``, ``normal/median``, ``normal/rmse`` (degrees),
     ``normal/within_11.25|22.5|30`` — for the ``tasks`` given. Pooled over every pixel of the set.
+    ``on_batch(batch, outputs)``, if given, sees every batch with the raw predictions (e.g. to write them
+    out: ``tools/eval.py --cityscapes-export``).
     """
     metrics = build_metrics(tasks, num_classes, ignore_index)
     device = torch.device(device)
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         out = predict(images)
+        if on_batch is not None:
+            on_batch(batch, out)
         for task, metric in metrics.items():
             pred = out[task].float()
             target = batch[task].to(device, non_blocking=True)
@@ -75,7 +80,9 @@ def evaluate(predict: Callable[[Tensor], Mapping[str, Tensor]], loader: Iterable
 def evaluate_model(model: nn.Module, loader: Iterable[dict], tasks: Sequence[str], num_classes: int,
                    ignore_index: int = 255, device: torch.device | str = "cpu",
                    autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
-                   class_names: Optional[Sequence[str]] = None) -> dict[str, float]:
+                   class_names: Optional[Sequence[str]] = None,
+                   on_batch: Optional[Callable[[dict, Mapping[str, Tensor]], None]] = None
+                   ) -> dict[str, float]:
     """``evaluate`` of ``model`` in eval mode (restoring its mode after), optionally under ``autocast()``."""
     was_training = model.training
     model.eval()
@@ -86,7 +93,7 @@ def evaluate_model(model: nn.Module, loader: Iterable[dict], tasks: Sequence[str
             return model(images)
 
     try:
-        return evaluate(predict, loader, tasks, num_classes, ignore_index, device, class_names)
+        return evaluate(predict, loader, tasks, num_classes, ignore_index, device, class_names, on_batch)
     finally:
         model.train(was_training)
 

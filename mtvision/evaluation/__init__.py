@@ -5,7 +5,8 @@ that ``compute()`` sums across processes when torch.distributed is initialised, 
 neither on the batch size nor on the number of processes.
 """
 
-from .delta import HIGHER_IS_BETTER, delta_m, relative_changes
+from .delta import (DELTA_M_METRICS, HIGHER_IS_BETTER, delta_m, delta_table, read_baselines, read_metrics,
+                    relative_changes)
 from .depth import DepthMetric
 from .normals import NormalMetric
 from .segmentation import SegmentationMetric
@@ -17,4 +18,8 @@ __all__ = [
     "delta_m",
     "relative_changes",
     "HIGHER_IS_BETTER",
+    "DELTA_M_METRICS",
+    "delta_table",
+    "read_baselines",
+    "read_metrics",
 ]

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Δm of multi-task results against single-task baselines, from metrics files:
+``python tools/delta.py RESULTS.json [RESULTS.json ...] --baselines FILE [FILE ...] [--metrics KEY ...]``.
+
+A metrics file is a ``metrics.json`` of tools/train.py (its final evaluation), the ``--out`` file of
+tools/eval.py, or a plain JSON object ``{"seg/mIoU": 53.9, "depth/abs_err": 0.38, ...}``. Baselines are
+merged from every ``--baselines`` file (typically one per single-task run): a plain object gives every key
+it lists, a train/eval file the standard Δm metrics it reports (seg mIoU, pixAcc; depth abs_err, rel_err;
+normal mean, median, within 11.25/22.5/30). ``--metrics`` picks the keys instead.
+
+Prints a Markdown table, one row per results file: each metric with its relative change in percent as
+it enters Δm (negative = better), and Δm (mean of those, lower is better; Nash-MTL / FAMO convention).
+Exit status 1 when a results file lacks a baseline metric (its row says which), 2 on a bad file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import mtvision  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mtvision.engine.cli import exit_on_user_error
+from mtvision.evaluation import delta_m, delta_table, read_baselines, read_metrics
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("results", nargs="+", help="metrics files of the models to compare")
+    parser.add_argument("--baselines", nargs="+", required=True,
+                        help="metrics file(s) of the single-task runs")
+    parser.add_argument("--metrics", nargs="+", help="Δm over these keys (default: see above)")
+    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    args = parser.parse_args(argv)
+    try:
+        baselines = read_baselines(args.baselines, args.metrics)
+        results = {path: read_metrics(path) for path in args.results}
+        table = delta_table(results, baselines)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+        print(f"wrote {args.out}")
+    failed = []
+    for path, metrics in results.items():
+        try:
+            delta_m(metrics, baselines)
+        except ValueError:
+            failed.append(path)
+    if failed:  # the table says why in the row's Δm cell
+        print(f"error: no Δm for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
