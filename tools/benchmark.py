@@ -1,11 +1,13 @@
 """Speed of mtvision's custom ops against their eager PyTorch baselines, measured in the same run.
 
     python tools/benchmark.py [--device cpu|cuda|all] [--repeats 15] [--json FILE]
+                              [--only loss|aggregation|step|data]
 
 Each row: median wall time of forward+backward over `--repeats` runs after warm-up, the ratio
 eager/fused, and the peak extra memory of one forward+backward (CPU: peak RSS growth, measured in a
 fresh subprocess per variant; CUDA: torch.cuda.max_memory_allocated growth). On CUDA the floor is the
 bytes the op must move divided by the device-to-device copy bandwidth measured in the same run.
+The data rows time NYUv2-size samples per second through the dataset path in one process (one worker).
 """
 
 from __future__ import annotations
@@ -329,9 +331,92 @@ def bench_training_step(device, repeats):
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# Data loading: NYUv2-size samples in MTAN's preprocessed .npy layout (written to a temporary folder)
+# through the whole RawDataset path (read files -> checks -> transform -> tensors), in this process with
+# one OpenCV and one torch thread: the rate one DataLoader worker sustains.
+
+DATA_SHAPE = ("nyuv2", 288, 384)
+DATA_SAMPLES = 16
+
+
+def write_nyuv2_npy_fixture(root, n, H, W, seed=0):
+    """``n`` random samples in the MTAN layout root/train/{image,label,depth,normal}/{i}.npy (float32)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for d in ("image", "label", "depth", "normal"):
+        os.makedirs(os.path.join(root, "train", d), exist_ok=True)
+    for i in range(n):
+        normal = rng.normal(size=(H, W, 3)).astype(np.float32)
+        normal /= np.linalg.norm(normal, axis=2, keepdims=True)
+        depth = rng.uniform(0.5, 10.0, size=(H, W, 1)).astype(np.float32)
+        depth[rng.random((H, W)) < 0.1] = 0.0
+        arrays = {"image": rng.random((H, W, 3), dtype=np.float32),
+                  "label": rng.integers(-1, 13, size=(H, W)).astype(np.float32),
+                  "depth": depth, "normal": normal}
+        for d, a in arrays.items():
+            np.save(os.path.join(root, "train", d, f"{i}.npy"), a)
+
+
+def bench_data(repeats):
+    import tempfile
+
+    import cv2
+
+    from mtvision.config import AugmentConfig, DataConfig
+    from mtvision.data import NYUv2
+
+    try:
+        from mtvision.data.transforms import build_transform
+    except ImportError:  # transforms not available: time the reading path alone
+        build_transform = None
+    name, H, W = DATA_SHAPE
+    variants = [("read + check + tensors", None)]
+    if build_transform is not None:
+        # MTAN's training augmentation (random scale 1..1.5 with crop back, horizontal flip), then colour
+        # jitter on top
+        mtan = AugmentConfig(hflip=0.5, scale_range=(1.0, 1.5))
+        jitter = AugmentConfig(hflip=0.5, scale_range=(1.0, 1.5), color_jitter=0.4)
+        variants += [("+ train transform (scale, crop, flip)", mtan), ("+ colour jitter 0.4", jitter)]
+    rows = []
+    cv2_threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            write_nyuv2_npy_fixture(root, DATA_SAMPLES, H, W)
+            for label, augment in variants:
+                transform = None
+                if augment is not None:
+                    data = DataConfig(dataset="nyuv2", root=root, size=(H, W), num_classes=13,
+                                      augment=augment)
+                    transform = build_transform(data, train=True)
+                ds = NYUv2(root, "train", transform=transform)
+                wall, cpu = [], []
+                for rep in range(repeats + 1):  # the first pass is the warm-up
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    for i in range(len(ds)):
+                        ds[(i, (rep, i))]  # a fresh augmentation seed per pass, as the sampler gives
+                    wall.append((time.perf_counter() - t0) / len(ds))
+                    cpu.append((time.process_time() - c0) / len(ds))
+                t = statistics.median(wall[1:])
+                # process CPU time: what the worker itself spends, whatever else the machine is running
+                rows.append({"op": f"data nyuv2 npy: {label}", "shape": f"{name} {H}x{W}",
+                             "device": "cpu 1 thread", "ms_per_sample": 1e3 * t,
+                             "cpu_ms_per_sample": 1e3 * statistics.median(cpu[1:]), "samples_per_s": 1.0 / t})
+    finally:
+        cv2.setNumThreads(cv2_threads)
+        torch.set_num_threads(torch_threads)
+    if build_transform is None:
+        print("benchmark: mtvision.data.transforms is not available; the data rows time reading only")
+    return rows
+
+
 def print_table(rows):
     cols = ["op", "shape", "device", "eager_ms", "fused_ms", "speedup", "step_ms", "ratio_to_ew",
-            "ratio_to_floor", "eager_gpu_ms", "fused_gpu_ms",
+            "ratio_to_floor", "ms_per_sample", "cpu_ms_per_sample", "samples_per_s",
+            "eager_gpu_ms", "fused_gpu_ms",
             "floor_ms", "eager_peak_extra_MB", "fused_peak_extra_MB", "grad_buffer_MB", "rel_diff"]
     cols = [c for c in cols if any(c in r for r in rows)]
     def fmt(v):
@@ -349,7 +434,8 @@ def main(argv=None):
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--only", choices=["loss", "aggregation", "step"], help="run one group of rows")
+    parser.add_argument("--only", choices=["loss", "aggregation", "step", "data"],
+                        help="run one group of rows")
     parser.add_argument("--_memory-probe", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_probe:
@@ -371,6 +457,8 @@ def main(argv=None):
             rows += bench_aggregation(device, args.repeats)
         if args.only in (None, "step"):
             rows += bench_training_step(device, args.repeats)
+    if args.only in (None, "data"):  # CPU work, whatever --device says
+        rows += bench_data(args.repeats)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint on the validation split:
 ``python tools/eval.py CONFIG --checkpoint PATH [--out FILE] [--baselines FILE ...] [--cityscapes-export DIR]
-[key=value ...]``.
+[key=value ...]`` (or under ``torchrun --nproc_per_node=N``: each process evaluates its share, the metrics
+are pooled over the whole set and rank 0 prints and writes them).
 
 Prints a table of every metric and, with ``--out``, writes ``{"checkpoint", "iteration", "metrics"}`` as
 JSON (metrics flat, ``"task/metric"``). The metrics are computed at the config's ``data.size``.
@@ -29,10 +30,13 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch.distributed as dist
+
 from mtvision.config import ConfigError
 from mtvision.engine import autocast_context, evaluate_model, write_json
 from mtvision.engine.cli import (add_config_arguments, config_from_args, exit_on_user_error,
                                  load_trained_model, val_loader)
+from mtvision.engine.distributed import dist_env
 from mtvision.engine.logging import format_table
 from mtvision.evaluation import read_baselines, relative_changes
 
@@ -63,6 +67,14 @@ def print_delta(metrics: dict, baselines: dict, source: str) -> dict:
 
 @exit_on_user_error
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
@@ -93,6 +105,8 @@ def main(argv=None) -> int:
     metrics = evaluate_model(model, loader, list(cfg.data.tasks), cfg.data.num_classes,
                              cfg.loss.ignore_index, device, autocast_context(cfg.train.amp, device),
                              getattr(dataset, "classes", None), on_batch=on_batch)
+    if not dist_env().is_main:  # under torchrun: the metrics are pooled over all processes; rank 0 reports
+        return 0
     title = f"{Path(args.checkpoint).name} (iter {state.get('iteration')})"
     print(format_table(list(metrics), {title: metrics}))
     summary = {"checkpoint": str(args.checkpoint), "iteration": state.get("iteration"),

@@ -336,8 +336,11 @@ class GradNorm(LossWeighting):
         if not task_losses.requires_grad:
             raise ValueError("GradNorm.pre_backward: task_losses carry no graph; pass the differentiable "
                              "losses, before the backward pass")
-        norms = self.grad_norms(task_losses, params).to(self.task_weights.device)
-        losses = task_losses.detach().float().to(self.task_weights.device)
+        if _world_size() > 1:
+            norms, losses = self._global_norms_and_losses(task_losses, params)
+        else:
+            norms = self.grad_norms(task_losses, params).to(self.task_weights.device)
+            losses = task_losses.detach().float().to(self.task_weights.device)
         if not self.initialized:
             self.initial_losses.copy_(losses)
             self.initialized = True
@@ -353,6 +356,22 @@ class GradNorm(LossWeighting):
         w.clamp_min_(1e-6)
         w.mul_(self.num_tasks / w.sum())
 
+    def _global_norms_and_losses(self, task_losses: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Under torch.distributed: the norms of the per-task gradients averaged over processes (the
+        gradients of the global batch's mean loss) and the averaged losses, in one all-reduce, so every
+        process keeps the same weights."""
+        rows = []
+        for t in range(self.num_tasks):
+            grads = torch.autograd.grad(task_losses[t], params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).detach().float().reshape(-1)
+                                   for g, p in zip(grads, params)]))
+        flat = torch.cat([torch.stack(rows).reshape(-1), task_losses.detach().float()])
+        torch.distributed.all_reduce(flat)
+        flat /= _world_size()
+        grads, losses = flat[:-self.num_tasks].view(self.num_tasks, -1), flat[-self.num_tasks:]
+        dev = self.task_weights.device
+        return grads.norm(dim=1).to(dev), losses.to(dev)
+
     def get_extra_state(self) -> dict:
         return {"initialized": self.initialized}
 
@@ -361,6 +380,11 @@ class GradNorm(LossWeighting):
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, alpha={self.alpha}, lr={self.lr}"
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class RLW(LossWeighting):

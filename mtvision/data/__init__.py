@@ -1,7 +1,11 @@
 """Datasets yielding the sample dicts of DESIGN §3, and their collate function."""
 
 from .builders import DATASETS, build_dataset
+from .cityscapes import Cityscapes
 from .collate import collate_samples
+from .custom import FolderDataset
+from .nyuv2 import NYUV2_CLASSES, NYUv2
 from .synthetic import SYNTHETIC_CLASSES, SyntheticScenes
 
-__all__ = ["DATASETS", "SYNTHETIC_CLASSES", "SyntheticScenes", "build_dataset", "collate_samples"]
+__all__ = ["DATASETS", "SYNTHETIC_CLASSES", "SyntheticScenes", "build_dataset", "collate_samples",
+           "Cityscapes", "FolderDataset", "NYUV2_CLASSES", "NYUv2"]

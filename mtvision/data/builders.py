@@ -5,6 +5,9 @@ from __future__ import annotations
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, DataConfig
+from .cityscapes import Cityscapes
+from .custom import FolderDataset
+from .nyuv2 import NYUv2
 from .synthetic import SyntheticScenes
 
 __all__ = ["DATASETS", "VAL_SEED_OFFSET", "build_dataset"]
@@ -12,6 +15,9 @@ __all__ = ["DATASETS", "VAL_SEED_OFFSET", "build_dataset"]
 #: ``data.dataset`` name -> dataset class.
 DATASETS: dict[str, type[Dataset]] = {
     "synthetic": SyntheticScenes,
+    "nyuv2": NYUv2,
+    "custom": FolderDataset,
+    "cityscapes": Cityscapes,
 }
 
 #: The synthetic validation set is drawn with ``seed + VAL_SEED_OFFSET``, the training set with ``seed``,

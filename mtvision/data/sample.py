@@ -85,11 +85,14 @@ def to_tensor_sample(raw: dict, mean: Sequence[float], std: Sequence[float]) -> 
     (per RGB channel, for the image in [0, 1]), ``seg`` int64 ``[H,W]``, ``depth`` float32 ``[1,H,W]``,
     ``normal`` float32 ``[3,H,W]``, ``boxes`` float32 ``[N,4]``, ``labels`` int64 ``[N]``, ``meta`` as is."""
     image = raw["image"]
-    image = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
-    m = np.asarray(mean, dtype=np.float32)
-    s = np.asarray(std, dtype=np.float32)
-    image = ((image - m) / s).transpose(2, 0, 1)
-    out: dict = {"image": torch.from_numpy(np.ascontiguousarray(image))}
+    # One HWC -> CHW copy, then in-place per-channel arithmetic on contiguous planes (numpy is ~10x
+    # slower broadcasting over a trailing axis of 3); same float32 operations, so the same result.
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    if image.dtype == np.uint8:
+        chw /= np.float32(255.0)
+    chw -= np.asarray(mean, dtype=np.float32)[:, None, None]
+    chw /= np.asarray(std, dtype=np.float32)[:, None, None]
+    out: dict = {"image": torch.from_numpy(chw)}
     if "seg" in raw:
         out["seg"] = torch.from_numpy(np.ascontiguousarray(raw["seg"], dtype=np.int64))
     if "depth" in raw:

@@ -156,7 +156,8 @@ class GradientBalancer:
                     p.grad = g
             w = self._weights(buffers, inv_scale)
             if self._combined is None:
-                self._combined = [torch.empty_like(p) for p in self.shared]
+                # contiguous even for channels_last weights: the op writes flat rows
+                self._combined = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self.shared]
             for p, g in zip(self.shared, weighted_sum(buffers, w, out=self._combined)):
                 p.grad = g
             return w

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Optional
 
+import torch
+
 from ..config import Config, ConfigError, config_to_dict, load_config
 from .builders import build_dataloader, check_amp, check_tasks, resolve_device
 from .checkpoint import CheckpointError, load_model_weights
@@ -43,11 +45,16 @@ def exit_on_user_error(main: Callable[[Optional[Sequence[str]]], int]):
 
 def load_trained_model(cfg: Config, checkpoint: str):
     """``(model, checkpoint dict, device)``: ``build_model(cfg.model)`` on ``cfg.train.device`` with the
-    weights of ``checkpoint``, in eval mode."""
+    weights of ``checkpoint``, in eval mode. Under torchrun this starts the process group."""
     from ..models import build_model
+
+    from .distributed import init_distributed
 
     check_tasks(cfg)
     device = resolve_device(cfg.train.device)
+    env = init_distributed(device.type)  # under torchrun: every process evaluates its share of the set
+    if device.type == "cuda" and env.distributed:
+        device = torch.device("cuda", env.local_rank)
     check_amp(cfg.train.amp, device)
     model = build_model(config_to_dict(cfg.model)).to(device)
     state = load_model_weights(model, checkpoint)
@@ -56,8 +63,13 @@ def load_trained_model(cfg: Config, checkpoint: str):
 
 
 def val_loader(cfg: Config):
-    """``(val dataset, loader)`` of ``cfg``'s validation split, in order."""
+    """``(val dataset, loader)`` of ``cfg``'s validation split, in order (this process's share of it
+    under torch.distributed: every sample is evaluated exactly once over all processes)."""
     from ..data.builders import build_dataset
 
+    from .distributed import dist_env
+
+    env = dist_env()
     dataset = build_dataset(cfg.data, "val", cfg.seed)
-    return dataset, build_dataloader(dataset, cfg.data.batch_size, cfg.data.num_workers, train=False)
+    return dataset, build_dataloader(dataset, cfg.data.batch_size, cfg.data.num_workers, train=False,
+                                     rank=env.rank, world_size=env.world_size)

@@ -149,6 +149,12 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.max_iters)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         if cfg.train.compile:
+            if self.grad_balancer is not None or self.loss_weighting.requires_shared_parameters:
+                # several backward passes through one graph (retain_graph): compiled backward functions
+                # must not donate (free and reuse) their saved buffers after the first one
+                import torch._functorch.config as functorch_config
+
+                functorch_config.donated_buffer = False
             # in place, per submodule: the state_dict keys stay, and forward_features / forward_heads
             # (representation-level balancing) run compiled too
             for part in (self.model.backbone, self.model.neck, *self.model.heads.values()):
@@ -249,7 +255,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimisation step on ``batch``; returns ``{task: loss, "total": loss, "weight/<task>": w,
-        "skipped": 0|1, "stop": 0|1, "skipped_samples": n}`` (losses as floats before the update, averaged
+        "skipped": 0|1, "stop": 0|1}`` (losses as floats before the update, averaged
         over processes; ``total`` is the weighted objective of a loss-weighting method, the plain sum of
         task losses for a gradient method; ``stop``: a process received SIGTERM/SIGINT)."""
         self.model.train()
@@ -577,15 +583,17 @@ class Trainer:
         self.writer.add_scalars("train", {k if k.startswith("weight/") else f"loss/{k}": v
                                           for k, v in means.items()}, self.iteration)
         ms, data_ms = elapsed / max(steps, 1) * 1e3, data_time / max(steps, 1) * 1e3
-        self.writer.add_scalars("train", {"lr": lr, "skipped_steps": self.skipped_steps, "ms_per_iter": ms,
+        self.writer.add_scalars("train", {"lr": lr, "skipped_steps": self.skipped_steps,
+                                          "skipped_samples": self.skipped_samples, "ms_per_iter": ms,
                                           "data_ms_per_iter": data_ms}, self.iteration)
         losses = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "total" and "/" not in k)
         weights = " ".join(f"{k[7:]} {v:.3f}" for k, v in means.items() if k.startswith("weight/"))
         if weights:
             losses += f"; weights {weights}"
-        self.logger.info("iter %d/%d  epoch %d  lr %.3g  loss %.4f (%s)  %.0f ms/it (data %.0f)  skipped %d",
+        bad_data = f", skipped samples {self.skipped_samples}" if self.skipped_samples else ""
+        self.logger.info("iter %d/%d  epoch %d  lr %.3g  loss %.4f (%s)  %.0f ms/it (data %.0f)  skipped %d%s",
                          self.iteration, self.cfg.train.max_iters, self.epoch, lr,
-                         means.get("total", math.nan), losses, ms, data_ms, self.skipped_steps)
+                         means.get("total", math.nan), losses, ms, data_ms, self.skipped_steps, bad_data)
 
     def _finish(self, train_seconds: float) -> None:
         if not self.is_main:

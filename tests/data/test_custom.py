@@ -1,0 +1,152 @@
+"""FolderDataset ("custom"): PNG / npy label folders read back exactly; bad files fail naming the file."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mtvision.config import ConfigError, DataConfig
+from mtvision.data import DATASETS, FolderDataset, collate_samples
+from mtvision.data.sample import DataError
+
+from . import fixtures as F
+
+IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def test_png_round_trip(tmp_path):
+    written = F.write_custom(tmp_path, "train", stems=("b", "a"), size=(5, 7))
+    ds = FolderDataset(tmp_path, "train", **IDENTITY)
+    assert DATASETS["custom"] is FolderDataset
+    assert len(ds) == 2 and ds.classes == ("thing0", "thing1", "thing2", "thing3") and ds.num_classes == 4
+    for k, stem in enumerate(("a", "b")):  # sorted by name
+        raw = ds.read_raw(k)
+        exp = written[stem]
+        assert raw["meta"]["stem"] == stem and raw["meta"]["size"] == (5, 7)
+        assert raw["image"].shape == (5, 7, 3) and np.array_equal(raw["image"], exp["image"])  # RGB order
+        assert np.array_equal(raw["seg"], exp["seg"]) and raw["seg"][0, 0] == 255
+        assert raw["depth"].dtype == np.float32 and np.array_equal(raw["depth"], exp["depth"])
+        assert raw["depth"][2, 1] == 0
+        np.testing.assert_allclose(raw["normal"], exp["normal"], atol=0.01)  # 8-bit quantisation
+        norms = np.linalg.norm(raw["normal"], axis=2)
+        np.testing.assert_allclose(norms[exp["normal"].any(axis=2)], 1, atol=1e-5)
+        assert (raw["normal"][3, 2] == 0).all()
+        sample = ds[k]
+        assert torch.allclose(sample["image"], torch.from_numpy(exp["image"]).permute(2, 0, 1).float() / 255)
+        assert torch.equal(sample["seg"], torch.from_numpy(exp["seg"]))
+        assert sample["normal"].shape == (3, 5, 7) and sample["depth"].shape == (1, 5, 7)
+
+
+def test_npy_depth_and_normals_16bit_seg_and_depth_scale(tmp_path):
+    written = F.write_custom(tmp_path, "val", stems=("x",), depth_format="npy", normal_format="npy",
+                             seg_bits=16, num_classes=300, classes=False)
+    raw = FolderDataset(tmp_path, "val", num_classes=300).read_raw(0)
+    exp = written["x"]
+    assert raw["seg"].dtype == np.int32 and np.array_equal(raw["seg"], exp["seg"])
+    assert np.array_equal(raw["depth"], exp["depth"])
+    np.testing.assert_allclose(raw["normal"], exp["normal"], atol=1e-6)
+    written = F.write_custom(tmp_path / "cm", "val", stems=("x",), tasks=("depth",), depth_scale=256.0)
+    ds = FolderDataset(tmp_path / "cm", "val", tasks=("depth",), depth_scale=256.0)
+    assert np.array_equal(ds.read_raw(0)["depth"], written["x"]["depth"])
+
+
+def test_jpg_images_and_only_requested_tasks(tmp_path):
+    F.write_custom(tmp_path, "train", stems=("a",), tasks=("seg",))
+    img = cv2.imread(str(tmp_path / "train" / "images" / "a.png"))
+    (tmp_path / "train" / "images" / "a.png").unlink()
+    assert cv2.imwrite(str(tmp_path / "train" / "images" / "a.jpg"), img)
+    sample = FolderDataset(tmp_path, "train", tasks=("seg",))[0]
+    assert set(sample) == {"image", "seg", "meta"} and sample["image"].shape == (3, 5, 7)
+    with pytest.raises(ConfigError, match=r"data.tasks: task 'depth' .*train/depth"):
+        FolderDataset(tmp_path, "train", tasks=("seg", "depth"))
+
+
+def test_missing_label_file_names_the_expected_path(tmp_path):
+    F.write_custom(tmp_path, "train", stems=("a", "b"))
+    (tmp_path / "train" / "depth" / "b.png").unlink()
+    ds = FolderDataset(tmp_path, "train")
+    assert ds[0] is not None
+    with pytest.raises(DataError, match=r"label file not found \(or b.npy\)") as e:
+        ds[1]
+    assert e.value.path == str(tmp_path / "train" / "depth" / "b.png") and e.value.field == "depth"
+    assert FolderDataset(tmp_path, "train", skip_bad=True)[1] is None
+
+
+def test_corrupt_file_and_out_of_range_label(tmp_path):
+    F.write_custom(tmp_path, "train", stems=("a", "b"), num_classes=4)
+    seg = tmp_path / "train" / "seg" / "a.png"
+    labels = cv2.imread(str(seg), cv2.IMREAD_UNCHANGED)
+    labels[2, 3] = 4
+    assert cv2.imwrite(str(seg), labels)
+    normal = tmp_path / "train" / "normal" / "b.png"
+    normal.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    ds = FolderDataset(tmp_path, "train")
+    with pytest.raises(DataError, match=r"\[4\] out of range: expected 0..3") as e:
+        ds[0]
+    assert e.value.path == str(seg) and e.value.field == "seg"
+    with pytest.raises(DataError, match="cannot decode") as e:
+        ds[1]
+    assert e.value.path == str(normal) and e.value.field == "normal"
+    skipping = FolderDataset(tmp_path, "train", skip_bad=True)
+    assert collate_samples([skipping[0], skipping[1]]) == {"num_skipped": 2}
+
+
+def test_wrong_shape_names_the_label_file(tmp_path):
+    F.write_custom(tmp_path, "train", stems=("a",), tasks=("depth",))
+    depth = tmp_path / "train" / "depth" / "a.png"
+    F.write_gray_png(depth, np.ones((7, 5), np.uint16))  # transposed
+    with pytest.raises(DataError, match=r"expected shape \(5, 7\)") as e:
+        FolderDataset(tmp_path, "train", tasks=("depth",))[0]
+    assert e.value.path == str(depth)
+
+
+def test_exr_normals(tmp_path):
+    F.write_custom(tmp_path, "train", stems=("a",), tasks=("normal",), normal_format="npy")
+    n = np.load(tmp_path / "train" / "normal" / "a.npy")
+    (tmp_path / "train" / "normal" / "a.npy").unlink()
+    exr = tmp_path / "train" / "normal" / "a.exr"
+    if cv2.haveImageWriter(str(exr)):
+        assert cv2.imwrite(str(exr), np.ascontiguousarray(n[..., ::-1]))
+        raw = FolderDataset(tmp_path, "train", tasks=("normal",)).read_raw(0)
+        np.testing.assert_allclose(raw["normal"], n, atol=1e-3)
+    else:  # this OpenCV build cannot decode OpenEXR: the error says so and what to do instead
+        exr.write_bytes(b"v/1\x01 not really an exr")
+        with pytest.raises(DataError, match="OpenEXR.*convert the normals to .npy") as e:
+            FolderDataset(tmp_path, "train", tasks=("normal",))[0]
+        assert e.value.path == str(exr)
+
+
+def test_config_errors(tmp_path):
+    F.write_custom(tmp_path, "train", stems=("a",), num_classes=4)
+    with pytest.raises(ConfigError, match=r"data.num_classes: 5 classes, but .*classes.txt lists 4"):
+        FolderDataset(tmp_path, "train", num_classes=5)
+    with pytest.raises(ConfigError, match="data.root: the images of split 'val'"):
+        FolderDataset(tmp_path, "val")
+    with pytest.raises(ConfigError, match="data.tasks: .*'boxes'"):
+        FolderDataset(tmp_path, "train", tasks=("boxes",))
+    (tmp_path / "classes.txt").unlink()
+    with pytest.raises(ConfigError, match="data.num_classes"):
+        FolderDataset(tmp_path, "train")
+    assert FolderDataset(tmp_path, "train", tasks=("depth",)).classes == ()
+
+
+def test_from_config_and_build_dataset(tmp_path):
+    written = F.write_custom(tmp_path, "train", stems=("a", "b"), num_classes=4)
+    F.write_custom(tmp_path, "val", stems=("c",), num_classes=4)
+    data = DataConfig(dataset="custom", root=str(tmp_path), num_classes=4, tasks=["seg", "depth"],
+                      kwargs={"depth_scale": 1000}, size=(5, 7))
+    ds = FolderDataset.from_config(data, "train", transform=None, seed=0)
+    assert set(ds[1]) == {"image", "seg", "depth", "meta"}
+    assert torch.equal(ds[1]["seg"], torch.from_numpy(written["b"]["seg"]))
+    data.kwargs = {"depth_scal": 1000}
+    with pytest.raises(ConfigError, match="data.kwargs.depth_scal"):
+        FolderDataset.from_config(data, "train", transform=None, seed=0)
+    data.kwargs = {"depth_scale": -1}
+    with pytest.raises(ConfigError, match="data.kwargs.depth_scale"):
+        FolderDataset.from_config(data, "train", transform=None, seed=0)
+    pytest.importorskip("mtvision.data.transforms")
+    from mtvision.data import build_dataset
+
+    data.kwargs = {}
+    val = build_dataset(data, "val")
+    assert isinstance(val, FolderDataset) and len(val) == 1 and val[0]["seg"].shape == (5, 7)
