@@ -1,13 +1,14 @@
 """Speed of mtvision's custom ops against their eager PyTorch baselines, measured in the same run.
 
     python tools/benchmark.py [--device cpu|cuda|all] [--repeats 15] [--json FILE]
-                              [--only loss|aggregation|step|data]
+                              [--only loss|aggregation|step|switches|data]
 
 Each row: median wall time of forward+backward over `--repeats` runs after warm-up, the ratio
 eager/fused, and the peak extra memory of one forward+backward (CPU: peak RSS growth, measured in a
 fresh subprocess per variant; CUDA: torch.cuda.max_memory_allocated growth). On CUDA the floor is the
 bytes the op must move divided by the device-to-device copy bandwidth measured in the same run.
-The data rows time NYUv2-size samples per second through the dataset path in one process (one worker).
+The switch rows time one training step per precision / memory-format / compile setting as a ratio to
+fp32. The data rows time NYUv2-size samples per second through the dataset path in one process (one worker).
 """
 
 from __future__ import annotations
@@ -331,6 +332,36 @@ def bench_training_step(device, repeats):
     return rows
 
 
+# (row name, config overrides): the precision and speed switches of train.*; fp16 needs CUDA
+SWITCHES = [("fp32 (none)", []), ("channels_last", ["train.channels_last=true"]),
+            ("bf16 autocast", ["train.amp=bf16"]), ("bf16 + channels_last", ["train.amp=bf16", "train.channels_last=true"]),
+            ("fp16 autocast + GradScaler", ["train.amp=fp16"]), ("torch.compile", ["train.compile=true"])]
+
+
+def bench_switches(device, repeats):
+    """One EW training step of the synthetic 3-task ResNet-18 model per switch, as a ratio to fp32; the
+    compiled row is timed after its compilation (done in the warm-up)."""
+    from mtvision.config import load_config
+    from mtvision.engine import Trainer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = [f"train.device={device}", "data.num_workers=0", "data.batch_size=8", "train.log_interval=1000"]
+    rows, ref_ms, batch = [], None, None
+    for name, overrides in SWITCHES:
+        if "train.amp=fp16" in overrides and device != "cuda":
+            continue
+        cfg = load_config(os.path.join(root, "configs/synthetic/mtl_resnet18.yaml"), base + overrides)
+        trainer = Trainer(cfg, console=False, progress=False)
+        if batch is None:
+            batch = next(iter(trainer.train_loader))
+        step_ms = 1e3 * median_time(lambda: trainer.train_step(batch), device, max(3, repeats // 2), warmup=3)
+        ref_ms = ref_ms or step_ms
+        rows.append({"op": f"train step, {name}", "shape": "resnet18 3-task B8 128x160", "device": device,
+                     "step_ms": step_ms, "ratio_to_fp32": step_ms / ref_ms})
+        del trainer
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # Data loading: NYUv2-size samples in MTAN's preprocessed .npy layout (written to a temporary folder)
 # through the whole RawDataset path (read files -> checks -> transform -> tensors), in this process with
@@ -415,7 +446,7 @@ def bench_data(repeats):
 
 def print_table(rows):
     cols = ["op", "shape", "device", "eager_ms", "fused_ms", "speedup", "step_ms", "ratio_to_ew",
-            "ratio_to_floor", "ms_per_sample", "cpu_ms_per_sample", "samples_per_s",
+            "ratio_to_floor", "ratio_to_fp32", "ms_per_sample", "cpu_ms_per_sample", "samples_per_s",
             "eager_gpu_ms", "fused_gpu_ms",
             "floor_ms", "eager_peak_extra_MB", "fused_peak_extra_MB", "grad_buffer_MB", "rel_diff"]
     cols = [c for c in cols if any(c in r for r in rows)]
@@ -434,7 +465,7 @@ def main(argv=None):
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--only", choices=["loss", "aggregation", "step", "data"],
+    parser.add_argument("--only", choices=["loss", "aggregation", "step", "switches", "data"],
                         help="run one group of rows")
     parser.add_argument("--_memory-probe", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -457,6 +488,8 @@ def main(argv=None):
             rows += bench_aggregation(device, args.repeats)
         if args.only in (None, "step"):
             rows += bench_training_step(device, args.repeats)
+        if args.only in (None, "switches"):
+            rows += bench_switches(device, args.repeats)
     if args.only in (None, "data"):  # CPU work, whatever --device says
         rows += bench_data(args.repeats)
     print_table(rows)

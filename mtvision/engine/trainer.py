@@ -296,7 +296,7 @@ class Trainer:
         if not skipped:
             if self.grad_balancer is None:
                 if self.loss_weighting.requires_shared_parameters:  # GradNorm: the last shared layer
-                    self.loss_weighting.pre_backward(task_losses, list(self.model.neck.parameters()))
+                    self.loss_weighting.pre_backward(task_losses, list(self.model.last_shared_parameters()))
                 self.scaler.scale(total).backward()
                 if self.env.distributed and self.weighting_params:  # UW's log-variances: not in DDP
                     for p in self.weighting_params:

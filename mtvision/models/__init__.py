@@ -4,12 +4,30 @@
 """
 
 from .backbones import BackboneError, TimmCNNBackbone, ViTBackbone, build_backbone
-from .heads import DenseHead, DepthHead, NormalHead, SegmentationHead, SemanticFPNDecoder
+from .heads import (
+    ASPP,
+    DeepLabDecoder,
+    DeepLabDepthHead,
+    DeepLabHead,
+    DeepLabNormalHead,
+    DeepLabSegmentationHead,
+    DenseHead,
+    DepthHead,
+    NormalHead,
+    SegmentationHead,
+    SemanticFPNDecoder,
+)
 from .multitask import HEADS, NECKS, MultiTaskModel, build_model
 from .necks import FPNNeck
 
 __all__ = [
+    "ASPP",
     "BackboneError",
+    "DeepLabDecoder",
+    "DeepLabDepthHead",
+    "DeepLabHead",
+    "DeepLabNormalHead",
+    "DeepLabSegmentationHead",
     "DenseHead",
     "DepthHead",
     "FPNNeck",

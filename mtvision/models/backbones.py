@@ -5,7 +5,11 @@ Two kinds, built by :func:`build_backbone`:
 - :class:`TimmCNNBackbone` — any timm model that supports ``features_only=True`` (ResNet, ConvNeXt,
   EfficientNet, RegNet, Swin, ...). Levels come from timm's ``feature_info``; by default the levels
   with stride >= 4 (strides 4, 8, 16, 32 for the usual families). Any input size works; sizes divisible
-  by 32 give exact strides.
+  by 32 give exact strides. ``output_stride=8`` (or 16) builds a *dilated* network (Yu et al. 2017,
+  "Dilated Residual Networks"; LibMTL's ``resnet_dilated`` and MTAN's ResNet-50 NYUv2 model): the last
+  stages keep the resolution and dilate their convolutions instead (for ResNets: stage 3 dilation 2,
+  stage 4 dilation 4, the first block of each with the previous dilation), so the levels' strides are
+  e.g. ``[4, 8, 8, 8]`` and the parameters (and pretrained weights) are unchanged.
 - :class:`ViTBackbone` — a plain timm ``VisionTransformer`` (``vit_*``, ``deit_*``) turned into a
   4-level pyramid the ViTDet way (Li et al. 2022, "simple feature pyramid"): the patch tokens of one
   block (default: the last) form a stride-``P`` map (``P`` = patch size, 16 for ``*_patch16_*``), and
@@ -31,6 +35,9 @@ from timm.models import VisionTransformer
 from torch import Tensor, nn
 
 __all__ = ["BackboneError", "TimmCNNBackbone", "ViTBackbone", "build_backbone", "is_vit_name"]
+
+# Output strides a dilated CNN backbone may be built with (timm's ``output_stride``).
+_OUTPUT_STRIDES = (8, 16, 32)
 
 # timm modules whose models are plain VisionTransformers (forward_intermediates + dynamic_img_size).
 _VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
@@ -119,15 +126,19 @@ class TimmCNNBackbone(nn.Module):
     """A timm ``features_only`` model. ``forward(x [B,3,H,W]) -> list of [B, out_channels[i], H/strides[i],
     W/strides[i]]`` (NCHW, rounded up for sizes not divisible by the stride).
 
-    Attributes: ``out_channels: list[int]``, ``strides: list[int]`` (from timm's ``feature_info``).
+    Attributes: ``out_channels: list[int]``, ``strides: list[int]`` (from timm's ``feature_info``; with
+    ``output_stride=8`` a ResNet's default levels have strides ``[4, 8, 8, 8]``), ``output_stride`` (the
+    largest stride).
     """
 
     def __init__(self, name: str, pretrained: Optional[str] = None, out_indices: Optional[Sequence[int]] = None,
-                 timm_kwargs: Optional[dict[str, Any]] = None):
+                 timm_kwargs: Optional[dict[str, Any]] = None, output_stride: Optional[int] = None):
         super().__init__()
         kw = dict(timm_kwargs or {})
         if out_indices is not None:
             kw["out_indices"] = tuple(int(i) for i in out_indices)
+        if output_stride is not None:
+            kw["output_stride"] = int(output_stride)
         try:
             if pretrained is None:
                 body = timm.create_model(name, pretrained=False, features_only=True, **kw)
@@ -140,10 +151,18 @@ class TimmCNNBackbone(nn.Module):
                 body = timm.create_model(name, pretrained=True, features_only=True,
                                          pretrained_cfg_overlay=_state_dict_overlay(full.state_dict()), **kw)
                 del full
+        except TypeError as e:
+            if output_stride is not None and "output_stride" in str(e):
+                raise BackboneError("output_stride", f"timm model {name!r} does not support output_stride "
+                                                     f"(dilated stages): {e}") from e
+            raise
         except (RuntimeError, AssertionError, IndexError) as e:
-            # timm raises these for models without feature extraction and for bad feature indices.
-            raise BackboneError("out_indices" if out_indices is not None else "name",
-                                f"cannot build timm model {name!r} as a feature extractor (features_only): {e}") from e
+            # timm raises these for models without feature extraction and for bad feature indices
+            # (and an AssertionError for an output_stride the family does not support).
+            key = "out_indices" if out_indices is not None else "output_stride" if output_stride is not None else "name"
+            raise BackboneError(key, f"cannot build timm model {name!r} as a feature extractor (features_only"
+                                     f"{'' if output_stride is None else f', output_stride={output_stride}'}): "
+                                     f"{e or type(e).__name__}") from e
         self.name = name
         self.body = body
         channels = list(body.feature_info.channels())
@@ -156,6 +175,7 @@ class TimmCNNBackbone(nn.Module):
         self._keep = keep
         self.out_channels: list[int] = [int(channels[i]) for i in keep]
         self.strides: list[int] = [int(reductions[i]) for i in keep]
+        self.output_stride: int = max(self.strides)
         fmt = getattr(body, "output_fmt", "NCHW")
         self._nhwc = str(getattr(fmt, "value", fmt)).upper() == "NHWC"
 
@@ -255,7 +275,7 @@ def is_vit_name(name: str) -> bool:
 
 
 def build_backbone(name: str, pretrained: Optional[str] = None, out_indices: Optional[Sequence[int]] = None,
-                   timm_kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
+                   timm_kwargs: Optional[dict[str, Any]] = None, output_stride: Optional[int] = None) -> nn.Module:
     """A backbone from a timm model name; the result has ``out_channels`` and ``strides`` lists and
     returns a list of NCHW maps.
 
@@ -265,6 +285,8 @@ def build_backbone(name: str, pretrained: Optional[str] = None, out_indices: Opt
     - ``out_indices``: CNNs: timm feature indices (default: every level with stride >= 4); ViTs: block
       indices (1 or 4, default the last block).
     - ``timm_kwargs``: extra arguments for ``timm.create_model`` (e.g. ``drop_path_rate``).
+    - ``output_stride``: CNNs only: ``None`` (the model's own, 32 for ResNets), 8 or 16 for a dilated
+      network whose last stages keep stride 8/16 (DeepLab's ResNet-50, LibMTL's ``resnet_dilated``).
     """
     if not isinstance(name, str) or not timm.is_model(name):
         import difflib
@@ -283,12 +305,21 @@ def build_backbone(name: str, pretrained: Optional[str] = None, out_indices: Opt
             raise BackboneError("out_indices", f"expected null or a list of ints, got {out_indices!r}")
     if timm_kwargs is not None and not isinstance(timm_kwargs, dict):
         raise BackboneError("timm_kwargs", f"expected a mapping, got {timm_kwargs!r}")
-    for reserved in ("pretrained", "features_only", "out_indices", "pretrained_cfg_overlay", "checkpoint_path"):
+    if output_stride is not None:
+        if isinstance(output_stride, bool) or output_stride not in _OUTPUT_STRIDES:
+            raise BackboneError("output_stride", f"expected null or one of {', '.join(map(str, _OUTPUT_STRIDES))}, "
+                                                 f"got {output_stride!r}")
+    for reserved in ("pretrained", "features_only", "out_indices", "pretrained_cfg_overlay", "checkpoint_path",
+                     "output_stride"):
         if timm_kwargs and reserved in timm_kwargs:
             raise BackboneError("timm_kwargs", f"{reserved!r} is set by mtvision, not through timm_kwargs")
     if is_vit_name(name):
+        if output_stride is not None:
+            raise BackboneError("output_stride", f"output_stride applies to CNN backbones; {name!r} is a "
+                                                 "VisionTransformer (its pyramid strides come from the patch size)")
         return ViTBackbone(name, pretrained=pretrained, block_indices=out_indices, timm_kwargs=timm_kwargs)
     try:
-        return TimmCNNBackbone(name, pretrained=pretrained, out_indices=out_indices, timm_kwargs=timm_kwargs)
+        return TimmCNNBackbone(name, pretrained=pretrained, out_indices=out_indices, timm_kwargs=timm_kwargs,
+                               output_stride=output_stride)
     except TypeError as e:
         raise BackboneError("timm_kwargs", f"timm model {name!r} rejected its arguments: {e}") from e

@@ -11,23 +11,36 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from .backbones import BackboneError, build_backbone
-from .heads import DepthHead, NormalHead, SegmentationHead
+from .heads import (
+    DeepLabDepthHead,
+    DeepLabNormalHead,
+    DeepLabSegmentationHead,
+    DepthHead,
+    NormalHead,
+    SegmentationHead,
+)
 from .necks import FPNNeck
 
-__all__ = ["MultiTaskModel", "build_model", "HEADS", "NECKS"]
+__all__ = ["MultiTaskModel", "build_model", "HEADS", "NECKS", "NO_NECK"]
 
-# Config name -> class. Heads are built as cls(in_channels=neck.out_channels, strides=neck.strides, **kwargs);
-# necks as cls(in_channels=backbone.out_channels, strides=backbone.strides, **kwargs).
+# Config name -> class. Heads are built as cls(in_channels=neck.out_channels, strides=neck.strides, **kwargs)
+# (the backbone's lists without a neck); necks as cls(in_channels=backbone.out_channels,
+# strides=backbone.strides, **kwargs).
 HEADS: dict[str, type[nn.Module]] = {
     "segmentation": SegmentationHead,
     "depth": DepthHead,
     "normals": NormalHead,
+    "deeplab_segmentation": DeepLabSegmentationHead,
+    "deeplab_depth": DeepLabDepthHead,
+    "deeplab_normals": DeepLabNormalHead,
 }
 NECKS: dict[str, type[nn.Module]] = {
     "fpn": FPNNeck,
 }
+# model.neck.name meaning "no neck": the heads take the backbone's levels as they are.
+NO_NECK = "none"
 # Keys of model.backbone; anything else is an error naming the key.
-BACKBONE_KEYS = ("name", "pretrained", "out_indices", "timm_kwargs")
+BACKBONE_KEYS = ("name", "pretrained", "out_indices", "output_stride", "timm_kwargs")
 
 
 class MultiTaskModel(nn.Module):
@@ -39,7 +52,8 @@ class MultiTaskModel(nn.Module):
 
     Args:
         backbone: module returning a list of maps, with ``out_channels`` and ``strides``.
-        neck: module mapping that list to the list the heads take (``None``: the backbone maps as they are).
+        neck: module mapping that list to the list the heads take (``None``: the backbone maps as they are;
+            ``self.neck`` is then an ``nn.Identity`` without parameters).
         heads: task name -> module called as ``head(features, image_size)``.
     """
 
@@ -52,12 +66,18 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(dict(heads))
 
     @property
+    def has_neck(self) -> bool:
+        """Whether a neck sits between the backbone and the heads (False: ``self.neck`` is an identity)."""
+        return not isinstance(self.neck, nn.Identity)
+
+    @property
     def tasks(self) -> list[str]:
         """Task names, in head order."""
         return list(self.heads.keys())
 
     def forward_features(self, images: Tensor) -> list[Tensor]:
-        """``images [B,3,H,W]`` -> the neck levels (list of ``[B, C, H/s, W/s]``, finest first)."""
+        """``images [B,3,H,W]`` -> the shared features the heads take: the neck levels (list of
+        ``[B, C, H/s, W/s]``, finest first), or the backbone levels when there is no neck."""
         if images.dim() != 4:
             raise ValueError(f"images must be [B,3,H,W], got shape {tuple(images.shape)}")
         return list(self.neck(self.backbone(images)))
@@ -73,6 +93,23 @@ class MultiTaskModel(nn.Module):
         """Parameters every task depends on (backbone, then neck)."""
         yield from self.backbone.parameters()
         yield from self.neck.parameters()
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The last shared layer's parameters (what GradNorm measures gradient norms on): the neck's, or
+        without a neck the last stage of the backbone (the last child module of a CNN backbone's timm
+        body that has parameters, e.g. ``layer4`` of a ResNet; a ViT's last transformer block)."""
+        params = list(self.neck.parameters())
+        if params:
+            return params
+        vit = getattr(self.backbone, "vit", None)
+        if vit is not None and len(getattr(vit, "blocks", ())):
+            return list(vit.blocks[-1].parameters())
+        module = getattr(self.backbone, "body", self.backbone)
+        for child in reversed(list(module.children())):
+            params = list(child.parameters())
+            if params:
+                return params
+        return list(self.backbone.parameters())
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Parameters only ``task`` depends on (its head)."""
@@ -121,6 +158,17 @@ def _pick(registry: dict[str, type], cfg: dict, key: str, kind: str) -> tuple[ty
     return registry[name], f"{kind} {name!r}"
 
 
+def _pick_neck(cfg: dict) -> tuple[type, str]:
+    """(class, "neck 'name'") for ``cfg["name"]`` (popped); the error lists ``none`` too."""
+    name = cfg.pop("name", None)
+    choices = ", ".join([*NECKS, NO_NECK])
+    if name is None:
+        raise ConfigError(f"model.neck.name: required (choose from: {choices})")
+    if not isinstance(name, str) or name not in NECKS:
+        raise ConfigError(f"model.neck.name: unknown neck {name!r} (choose from: {choices})")
+    return NECKS[name], f"neck {name!r}"
+
+
 def _construct(cls: type, args: dict, kwargs: dict, key: str, what: str) -> nn.Module:
     try:
         return cls(**args, **kwargs)
@@ -135,11 +183,19 @@ def build_model(cfg: Any) -> MultiTaskModel:
     """A :class:`MultiTaskModel` from the config's ``model`` section (a dict or ``ModelConfig``)::
 
         backbone: {name: resnet18, pretrained: null | /path/weights.pth|.safetensors, out_indices: null,
-                   timm_kwargs: {}}
-        neck:     {name: fpn, out_channels: 128}              # null/absent: fpn with defaults
+                   output_stride: null | 8 | 16, timm_kwargs: {}}
+        neck:     {name: fpn, out_channels: 128}              # absent: fpn with defaults
+                                                              # {name: none} or null: no neck
         heads:    {seg: {name: segmentation, num_classes: 6}, depth: {name: depth}, normal: {name: normals}}
 
-    Heads get ``in_channels``/``strides`` from the neck, the neck from the backbone. Errors are
+    The LibMTL / MTAN protocol model (dilated ResNet-50 and one DeepLab head per task)::
+
+        backbone: {name: resnet50, output_stride: 8, out_indices: [1, 4]}    # strides 4 and 8
+        neck:     {name: none}
+        heads:    {seg: {name: deeplab_segmentation, num_classes: 13, low_level_channels: null}, ...}
+
+    Heads get ``in_channels``/``strides`` from the neck (from the backbone without one), the neck from
+    the backbone. Errors are
     :class:`mtvision.config.ConfigError` naming the key (``model.heads.seg.name: unknown head ...``); a
     missing pretrained file raises ``FileNotFoundError`` naming ``model.backbone.pretrained`` and the path.
     """
@@ -158,20 +214,32 @@ def build_model(cfg: Any) -> MultiTaskModel:
                               "other timm.create_model arguments go in timm_kwargs)")
     try:
         backbone = build_backbone(bcfg["name"], pretrained=bcfg.get("pretrained"), out_indices=bcfg.get("out_indices"),
-                                  timm_kwargs=bcfg.get("timm_kwargs"))
+                                  timm_kwargs=bcfg.get("timm_kwargs"), output_stride=bcfg.get("output_stride"))
     except BackboneError as e:
         raise ConfigError(f"model.backbone.{e.key}: {e}") from e
     except FileNotFoundError as e:
         raise FileNotFoundError(f"model.backbone.pretrained: {e}") from e
 
-    # neck
-    ncfg = cfg.get("neck")
-    ncfg = {"name": "fpn"} if ncfg is None else _as_dict(ncfg, "model.neck")
-    neck_cls, what = _pick(NECKS, ncfg, "model.neck", "neck")
+    # neck ("none" / null: the heads take the backbone's levels)
     injected = ("in_channels", "strides")
-    _check_kwargs(neck_cls, ncfg, injected, "model.neck", what)
-    neck = _construct(neck_cls, dict(in_channels=backbone.out_channels, strides=backbone.strides), ncfg,
-                      "model.neck", what)
+    if "neck" not in cfg:
+        ncfg: Optional[dict] = {"name": "fpn"}
+    elif cfg["neck"] is None:
+        ncfg = None
+    else:
+        ncfg = _as_dict(cfg["neck"], "model.neck")
+    if ncfg is None or ncfg.get("name") == NO_NECK:
+        extra = sorted(k for k in (ncfg or {}) if k != "name")
+        if extra:
+            raise ConfigError(f"model.neck.{extra[0]}: unexpected argument: neck {NO_NECK!r} takes none")
+        neck = None
+        level_channels, level_strides = backbone.out_channels, backbone.strides
+    else:
+        neck_cls, what = _pick_neck(ncfg)
+        _check_kwargs(neck_cls, ncfg, injected, "model.neck", what)
+        neck = _construct(neck_cls, dict(in_channels=backbone.out_channels, strides=backbone.strides), ncfg,
+                          "model.neck", what)
+        level_channels, level_strides = neck.out_channels, neck.strides
 
     # heads
     hcfg = _as_dict(cfg.get("heads"), "model.heads")
@@ -185,5 +253,5 @@ def build_model(cfg: Any) -> MultiTaskModel:
         spec = _as_dict(spec, key)
         head_cls, what = _pick(HEADS, spec, key, "head")
         _check_kwargs(head_cls, spec, injected, key, what)
-        heads[task] = _construct(head_cls, dict(in_channels=neck.out_channels, strides=neck.strides), spec, key, what)
+        heads[task] = _construct(head_cls, dict(in_channels=level_channels, strides=level_strides), spec, key, what)
     return MultiTaskModel(backbone, neck, heads)

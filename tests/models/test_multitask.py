@@ -91,7 +91,8 @@ def test_build_from_model_config_dataclass_and_direct_construction():
     assert model.heads["seg"].num_classes == 6
     direct = MultiTaskModel(model.backbone, model.neck, {"seg": model.heads["seg"]}).eval()
     assert direct(torch.randn(1, 3, 32, 32))["seg"].shape == (1, 6, 32, 32)
-    assert set(HEADS) == {"segmentation", "depth", "normals"}
+    assert set(HEADS) == {"segmentation", "depth", "normals",
+                          "deeplab_segmentation", "deeplab_depth", "deeplab_normals"}
 
 
 def test_pretrained_through_config(tmp_path):
@@ -127,7 +128,8 @@ def _with(path, value):
     "path, value, match",
     [
         (("heads", "seg", "name"), "segmentaton",
-         r"^model\.heads\.seg\.name: unknown head 'segmentaton' \(choose from: segmentation, depth, normals\)"),
+         r"^model\.heads\.seg\.name: unknown head 'segmentaton' \(choose from: segmentation, depth, normals, "
+         r"deeplab_segmentation, deeplab_depth, deeplab_normals\)"),
         (("heads", "seg", "name"), KeyError, r"^model\.heads\.seg\.name: required"),
         (("heads", "seg", "num_classes"), KeyError, r"^model\.heads\.seg\.num_classes: required"),
         (("heads", "seg", "num_classes"), 0, r"^model\.heads\.seg\.num_classes: .*positive int"),
@@ -135,7 +137,7 @@ def _with(path, value):
         (("heads", "normal", "in_channels"), 3, r"^model\.heads\.normal\.in_channels: set automatically"),
         (("heads", "normal"), [1], r"^model\.heads\.normal: expected a mapping"),
         (("heads",), {}, r"^model\.heads: at least one head"),
-        (("neck", "name"), "bifpn", r"^model\.neck\.name: unknown neck 'bifpn' \(choose from: fpn\)"),
+        (("neck", "name"), "bifpn", r"^model\.neck\.name: unknown neck 'bifpn' \(choose from: fpn, none\)"),
         (("neck", "out_channels"), -4, r"^model\.neck\.out_channels: .*positive int"),
         (("neck", "width"), 4, r"^model\.neck\.width: unexpected argument"),
         (("backbone", "name"), "resnet_18", r"^model\.backbone\.name: unknown timm model 'resnet_18'"),

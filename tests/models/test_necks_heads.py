@@ -41,8 +41,18 @@ def test_decoder_output_at_finest_level():
     assert out.shape == (2, 5, 18, 23)
     # Blocks per level: 1, 1, 2, 3 (semantic FPN).
     assert [len(b) for b in dec.scale_heads] == [1, 1, 2, 3]
-    with pytest.raises(ValueError, match="strictly increasing"):
+    with pytest.raises(ValueError, match="non-decreasing"):
         SemanticFPNDecoder(16, [4, 16, 8], out_channels=5)
+
+
+def test_decoder_accepts_equal_strides_of_a_dilated_backbone():
+    # output_stride 8: levels at strides 4, 8, 8, 8 (same size for the last three)
+    feats = [torch.randn(2, 16, 18, 23)] + [torch.randn(2, 16, 9, 12) for _ in range(3)]
+    dec = SemanticFPNDecoder(16, [4, 8, 8, 8], out_channels=5, channels=12)
+    assert [len(b) for b in dec.scale_heads] == [1, 1, 1, 1]
+    assert dec(feats).shape == (2, 5, 18, 23)
+    head = SegmentationHead(16, [4, 8, 8, 8], num_classes=3, channels=12)
+    assert head(feats, (70, 90)).shape == (2, 3, 70, 90)
 
 
 def test_heads_at_image_resolution():

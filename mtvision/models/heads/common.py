@@ -33,8 +33,9 @@ class ConvGNReLU(nn.Sequential):
 
 def _check_levels(in_channels: Union[int, Sequence[int]], strides: Sequence[int]) -> tuple[list[int], list[int]]:
     strides = [int(s) for s in strides]
-    if not strides or any(s <= 0 for s in strides) or strides != sorted(set(strides)):
-        raise ValueError(f"strides must be positive and strictly increasing, got {strides}")
+    # Equal neighbours are allowed: a dilated backbone (output_stride 8) has levels at strides 4, 8, 8, 8.
+    if not strides or any(s <= 0 for s in strides) or strides != sorted(strides):
+        raise ValueError(f"strides must be positive and non-decreasing (finest first), got {strides}")
     if isinstance(in_channels, int):
         in_channels = [in_channels] * len(strides)
     in_channels = [int(c) for c in in_channels]
@@ -50,7 +51,8 @@ class SemanticFPNDecoder(nn.Module):
 
     Args:
         in_channels: channels per level (an int for all levels, e.g. the FPN width).
-        strides: stride of each level, strictly increasing (e.g. ``[4, 8, 16, 32]``).
+        strides: stride of each level, non-decreasing (e.g. ``[4, 8, 16, 32]``, or ``[4, 8, 8, 8]`` from a
+            dilated backbone).
         out_channels: predicted channels.
         channels: width of the conv blocks.
     """
