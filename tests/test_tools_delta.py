@@ -8,8 +8,8 @@ import yaml
 from mtvision.evaluation import DELTA_M_METRICS, delta_m, read_baselines, read_metrics
 
 from .data.cityscapes_fixture import write_cityscapes
-from .engine.helpers import TINY, write_tiny_config
-from .test_tools import _tool
+from .engine.helpers import TINY
+from .test_tools import _tool, trained  # noqa: F401 - the shared tiny training run (a fixture)
 
 BASE = {"seg/mIoU": 50.0, "seg/pixAcc": 80.0, "depth/abs_err": 0.5, "depth/rel_err": 0.2}
 
@@ -88,15 +88,6 @@ def test_delta_tool_row_without_a_metric_and_bad_files(files, capsys):
     missing = str(files["better"].parent / "missing.json")
     rc = _tool("delta").main([str(files["better"]), "--baselines", missing])
     assert rc == 2 and "metrics file not found" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tools_delta")
-    config = write_tiny_config(tmp)
-    argv = [str(config), "--no-progress", "train.max_iters=2", "train.eval_interval=2"]
-    assert _tool("train").main(argv) == 0
-    return config, tmp / "work"
 
 
 def test_eval_with_baselines(trained, tmp_path, capsys):

@@ -58,7 +58,14 @@ def init_distributed(device_type: str, timeout_minutes: float = 30.0) -> DistEnv
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     backend = "nccl" if device_type == "cuda" else "gloo"
-    kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=timeout_minutes)}
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    # After torchrun restarts the workers (--max-restarts), the rendezvous store can still hold the
+    # previous round's keys (e.g. gloo's peer addresses), and a new worker that reads one connects to a
+    # dead process. A per-restart prefix keeps each round to its own keys.
+    store = dist.PrefixStore(f"mtvision/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout, "store": store, "rank": rank,
+                              "world_size": world_size}
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
         kwargs["device_id"] = torch.device("cuda", local_rank)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .common import _check_levels
 from .depth import check_depth_range, depth_activation
 
 __all__ = [
@@ -117,18 +118,6 @@ class ASPP(nn.Module):
         return self.project(torch.cat([b(x) for b in self.branches], dim=1))
 
 
-def _pick_levels(in_channels: Union[int, Sequence[int]], strides: Sequence[int]) -> tuple[list[int], list[int]]:
-    strides = [int(s) for s in strides]
-    if not strides or any(s <= 0 for s in strides) or strides != sorted(strides):
-        raise ValueError(f"strides must be positive and non-decreasing (finest first), got {strides}")
-    if isinstance(in_channels, int):
-        in_channels = [in_channels] * len(strides)
-    in_channels = [int(c) for c in in_channels]
-    if len(in_channels) != len(strides):
-        raise ValueError(f"in_channels {in_channels} and strides {strides} differ in length")
-    return in_channels, strides
-
-
 class DeepLabDecoder(nn.Module):
     """Feature levels -> raw prediction map: ASPP on the deepest level, then the DeepLabV3 head
     (``low_level_channels=None``) or the DeepLabV3+ decoder with the level of stride ``low_level_stride``.
@@ -153,7 +142,7 @@ class DeepLabDecoder(nn.Module):
                  channels: int = 256, atrous_rates: Sequence[int] = (12, 24, 36),
                  low_level_channels: Optional[int] = 48, low_level_stride: int = 4, dropout: float = 0.5):
         super().__init__()
-        in_channels, strides = _pick_levels(in_channels, strides)
+        in_channels, strides = _check_levels(in_channels, strides)
         _positive_int("out_channels", out_channels)
         _positive_int("channels", channels)
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
