@@ -32,8 +32,11 @@ def build_dataset(data: DataConfig, split: str, seed: int = 0) -> Dataset:
 
     ``seed`` is the experiment seed (``cfg.seed``); it only matters for generated datasets. For
     ``synthetic``: ``num_train`` / ``num_val`` scenes of ``data.size`` normalised with ``data.mean`` /
-    ``data.std``, seed ``seed`` for train and ``seed + VAL_SEED_OFFSET`` for val. Datasets read from
-    disk will use ``data.root`` with ``data.train_split`` / ``data.val_split``.
+    ``data.std``, seed ``seed`` for train and ``seed + VAL_SEED_OFFSET`` for val (no augmentation: every
+    scene is new). Datasets read from disk (``RawDataset`` subclasses) are built by their
+    ``from_config(data, split_name, transform=..., seed=...)`` from ``data.root``, ``data.train_split`` /
+    ``data.val_split`` and ``data.kwargs``, with ``mtvision.data.transforms.build_transform``
+    (``data.augment`` for training, a plain resize to ``data.size`` for validation).
     Raises ConfigError naming ``data.dataset`` / ``data.root`` / ``data.num_classes`` on a bad value.
     """
     if split not in _SPLITS:
