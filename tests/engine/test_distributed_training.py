@@ -134,3 +134,20 @@ def test_killed_worker_is_restarted_by_torchrun_and_resumes_exactly(tmp_path):
     b = _weights(ckpt)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_to_torchrun_stops_every_worker_after_the_same_step_and_saves(tmp_path):
+    cfg = _config(tmp_path, "term", max_iters=2000, eval_interval=10000, checkpoint_interval=2)
+    proc = _torchrun(2, "train.py", str(cfg), "--no-progress", wait=False)
+    ckpt = tmp_path / "term" / "checkpoints" / "last.pth"
+    t0 = time.time()
+    while not ckpt.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < 240
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers (and reports it itself)
+    proc.communicate(timeout=120)
+    log = (tmp_path / "term" / "train.log").read_text()
+    (line,) = [x for x in log.splitlines() if "stopped by SIGTERM" in x]
+    stopped_at = torch.load(ckpt, weights_only=True)["iteration"]
+    assert f"at iteration {stopped_at};" in line and stopped_at < 2000
