@@ -269,10 +269,13 @@ class Trainer:
         task_losses = self.loss_fn.task_losses(outputs, batch)
         # One collective per step: the losses averaged over processes (so every process takes the same
         # decisions: weights, skip), whether any process was asked to stop, and the unreadable samples.
-        flags = task_losses.new_tensor([float(self._stop_signal is not None) * self.env.world_size,
-                                        float(skipped_samples) * self.env.world_size], dtype=torch.float32)
-        shared = self._mean_over_processes(torch.cat([task_losses.detach().float(), flags]))
-        mean_losses = shared[:T]
+        if self.env.distributed:
+            flags = task_losses.new_tensor([float(self._stop_signal is not None) * self.env.world_size,
+                                            float(skipped_samples) * self.env.world_size], dtype=torch.float32)
+            shared = self._mean_over_processes(torch.cat([task_losses.detach().float(), flags]))
+            mean_losses, stop_and_skipped = shared[:T], {"stop": shared[T], "skipped_samples": shared[T + 1]}
+        else:  # nothing to agree on: no collective, no extra host-to-device copy
+            mean_losses, stop_and_skipped = task_losses.detach().float(), {}
         if self.loss_weighting is not None:
             weights = self.loss_weighting.weights(mean_losses)
             total = (weights * task_losses).sum()
@@ -287,10 +290,10 @@ class Trainer:
         logged["total"] = shown_total
         if weights is not None:  # a loss weighting's weights are known now: read them in the same sync
             logged.update({f"weight/{t}": weights[i].detach() for i, t in enumerate(self.tasks)})
-        logged["stop"], logged["skipped_samples"] = shared[T], shared[T + 1]
+        logged.update(stop_and_skipped)
         values = dict(zip(logged, torch.stack([v.float() for v in logged.values()]).tolist()))  # one sync
-        stop = values.pop("stop") > 0
-        self.skipped_samples += int(round(values.pop("skipped_samples")))
+        stop = values.pop("stop", 0.0) > 0 or (not self.env.distributed and self._stop_signal is not None)
+        self.skipped_samples += int(round(values.pop("skipped_samples", skipped_samples)))
         self.optimizer.zero_grad(set_to_none=True)
         skipped = not math.isfinite(values["total"])
         if not skipped:
