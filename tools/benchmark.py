@@ -288,7 +288,35 @@ STEP_METHODS = [("ew", "param"), ("pcgrad", "param"), ("mgda", "param"), ("cagra
                 ("nashmtl", "param"), ("upgrad", "param"), ("mgda", "rep"), ("pcgrad", "rep"), ("upgrad", "rep")]
 
 
+def paired_ratios(fns, device, rounds, per_round, warmup=2):
+    """Time several callables in interleaved rounds (``per_round`` calls of each, the order rotated every
+    round) so that slow drifts of the machine (clocks, other load, a GPU warming up) hit all of them alike.
+
+    Returns ``{name: [mean seconds per call, one per round]}``; a ratio is then taken per round and its
+    median reported, which is much steadier than the ratio of two medians measured minutes apart."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    sync(device)
+    out = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                fns[name]()
+            sync(device)
+            out[name].append((time.perf_counter() - t0) / per_round)
+    return out
+
+
+def median_ratio(a, b):
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def bench_training_step(device, repeats):
+    """One training step per method (the EW step and the passes the method needs timed in the same
+    interleaved rounds, see ``paired_ratios``)."""
     from mtvision.config import load_config
     from mtvision.engine import Trainer
 
@@ -296,17 +324,20 @@ def bench_training_step(device, repeats):
     overrides = [f"train.device={device}", "data.num_workers=0", "data.batch_size=8", "train.log_interval=1000"]
     if device == "cuda":
         overrides.append("train.amp=bf16")
-    rows, ew_ms, batch = [], None, None
-    for name, level in STEP_METHODS:
+
+    def trainer_for(name, level):
         cfg = load_config(os.path.join(root, "configs/synthetic/mtl_resnet18.yaml"),
                           overrides + [f"balancer.name={name}", f"balancer.level={level}"])
-        trainer = Trainer(cfg, console=False, progress=False)
-        if batch is None:
-            batch = next(iter(trainer.train_loader))
-        step_ms = 1e3 * median_time(lambda: trainer.train_step(batch), device, max(3, repeats // 2), warmup=2)
-        ew_ms = ew_ms or step_ms
-        row = {"op": f"train step {name} ({level})", "shape": "resnet18 3-task B8 128x160", "device": device,
-               "step_ms": step_ms, "ratio_to_ew": step_ms / ew_ms}
+        return Trainer(cfg, console=False, progress=False)
+
+    ew = trainer_for("ew", "param")
+    batch = next(iter(ew.train_loader))
+    rounds = max(3, repeats // 2)
+    per_round = 10 if device == "cuda" else 1  # GPU steps are short: average a few per timing
+    rows = []
+    for name, level in STEP_METHODS:
+        trainer = ew if name == "ew" else trainer_for(name, level)
+        fns = {"step": lambda: trainer.train_step(batch), "ew": lambda: ew.train_step(batch)}
         if level == "param" and name != "ew":
             # the passes a parameter-level method needs, alone: one forward, the loss backward to the
             # task outputs, then per task a backward from its output through its head and the backbone
@@ -325,10 +356,19 @@ def bench_training_step(device, repeats):
                     torch.autograd.grad(outs[i], shared + list(model.task_parameters(t)), out_grads[i],
                                         retain_graph=i < len(tasks) - 1, allow_unused=True)
 
-            row["floor_ms"] = 1e3 * median_time(forward_and_t_backwards, device, max(3, repeats // 2), warmup=1)
-            row["ratio_to_floor"] = step_ms / row["floor_ms"]
+            fns["floor"] = forward_and_t_backwards
+        if name == "ew":
+            del fns["ew"]
+        times = paired_ratios(fns, device, rounds, per_round)
+        row = {"op": f"train step {name} ({level})", "shape": "resnet18 3-task B8 128x160", "device": device,
+               "step_ms": 1e3 * statistics.median(times["step"]),
+               "ratio_to_ew": 1.0 if name == "ew" else median_ratio(times["step"], times["ew"])}
+        if "floor" in times:
+            row["floor_ms"] = 1e3 * statistics.median(times["floor"])
+            row["ratio_to_floor"] = median_ratio(times["step"], times["floor"])
         rows.append(row)
-        del trainer
+        if trainer is not ew:
+            del trainer
     return rows
 
 
