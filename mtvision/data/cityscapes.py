@@ -120,6 +120,8 @@ class Cityscapes(RawDataset):
     :class:`~mtvision.data.sample.DataError` naming the file when the sample is read.
     """
 
+    config_name = "cityscapes"
+
     def __init__(self, root, split: str = "train", num_classes: int = 19,
                  tasks: Sequence[str] = CITYSCAPES_TASKS, transform=None,
                  mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
@@ -146,9 +148,7 @@ class Cityscapes(RawDataset):
     @classmethod
     def from_config(cls, data, split: str, transform, seed: int) -> "Cityscapes":
         """The dataset of a config's ``data`` section (``data.kwargs`` takes no Cityscapes option)."""
-        if data.kwargs:
-            key = next(iter(data.kwargs))
-            raise ConfigError(f"data.kwargs.{key}: unknown option for the cityscapes dataset (it takes none)")
+        cls.check_config_kwargs(data.kwargs)
         if data.num_classes not in (19, 7):
             raise ConfigError(f"data.num_classes: Cityscapes has 19 (train ids) or 7 (categories) classes, "
                               f"got {data.num_classes}")

@@ -164,15 +164,13 @@ class FolderDataset(RawDataset):
         raw["meta"] = {"source": str(img_path), "files": files, "size": (h, w), "stem": stem}
         return raw
 
-    _KWARGS = ("depth_scale",)
+    config_name = "custom"
+    config_kwargs = ("depth_scale",)
 
     @classmethod
     def from_config(cls, data, split: str, transform, seed: int) -> "FolderDataset":
         """The ``split`` of ``data`` (a DataConfig); ``data.kwargs`` may hold ``depth_scale``."""
-        for key in data.kwargs:
-            if key not in cls._KWARGS:
-                raise ConfigError(f"data.kwargs.{key}: unknown option for the custom dataset "
-                                  f"(choose from: {', '.join(cls._KWARGS)})")
+        cls.check_config_kwargs(data.kwargs)
         return cls(data.root, split, tasks=tuple(data.tasks), num_classes=data.num_classes,
                    transform=transform, mean=tuple(data.mean), std=tuple(data.std), seed=seed,
                    skip_bad=data.skip_bad, **dict(data.kwargs))

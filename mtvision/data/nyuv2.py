@@ -413,7 +413,8 @@ class NYUv2(RawDataset):
             raw["meta"]["eigen_crop"] = eigen_crop_box(raw["depth"].shape)
         return raw
 
-    _KWARGS = ("layout", "eigen_crop", "mat_file", "splits_file", "class_mapping40", "normals_dir",
+    config_name = "nyuv2"
+    config_kwargs = ("layout", "eigen_crop", "mat_file", "splits_file", "class_mapping40", "normals_dir",
                "normals_pattern")
 
     @classmethod
@@ -421,11 +422,8 @@ class NYUv2(RawDataset):
         """The ``split`` of ``data`` (a DataConfig). ``data.kwargs`` may hold ``layout``, ``eigen_crop``
         (applied to the evaluation split ``data.val_split`` only, never to training), ``mat_file``,
         ``splits_file``, ``class_mapping40``, ``normals_dir``, ``normals_pattern``."""
+        cls.check_config_kwargs(data.kwargs)
         kwargs = dict(data.kwargs)
-        for key in kwargs:
-            if key not in cls._KWARGS:
-                raise ConfigError(f"data.kwargs.{key}: unknown option for the nyuv2 dataset "
-                                  f"(choose from: {', '.join(cls._KWARGS)})")
         for key in ("mat_file", "splits_file", "class_mapping40", "normals_dir", "normals_pattern", "layout"):
             if key in kwargs and not isinstance(kwargs[key], str):
                 raise ConfigError(f"data.kwargs.{key}: expected a string, got {kwargs[key]!r}")

@@ -124,6 +124,19 @@ class RawDataset(torch.utils.data.Dataset):
     """
 
     num_classes: int
+    #: ``data.dataset`` name, and the ``data.kwargs`` keys ``from_config`` passes on to the constructor
+    config_name: str = "file"
+    config_kwargs: tuple[str, ...] = ()
+
+    @classmethod
+    def check_config_kwargs(cls, kwargs: dict) -> None:
+        """ConfigError naming ``data.kwargs.<key>`` for a key this dataset does not take."""
+        for key in kwargs:
+            if key not in cls.config_kwargs:
+                allowed = f"choose from: {', '.join(cls.config_kwargs)}" if cls.config_kwargs else "it takes none"
+                from ..config import ConfigError
+
+                raise ConfigError(f"data.kwargs.{key}: unknown option for the {cls.config_name} dataset ({allowed})")
 
     def __init__(self, transform=None, mean: Sequence[float] = (0.485, 0.456, 0.406),
                  std: Sequence[float] = (0.229, 0.224, 0.225), seed: int = 0, skip_bad: bool = False):
