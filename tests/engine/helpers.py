@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import yaml
@@ -37,3 +38,12 @@ def write_tiny_config(tmp_path: Path, name: str = "tiny.yaml") -> Path:
 def tiny_config(tmp_path: Path, overrides=()) -> Config:
     """The tiny experiment as a Config, with ``key=value`` overrides."""
     return load_config(write_tiny_config(tmp_path), list(overrides))
+
+
+def wait_for_file(path: Path, proc, timeout: float = 240.0) -> None:
+    """Poll until ``path`` exists while the subprocess ``proc`` (a Popen) is still running."""
+    t0 = time.time()
+    while not Path(path).exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.02)

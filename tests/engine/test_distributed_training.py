@@ -9,14 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from .helpers import TINY
+from .helpers import TINY, wait_for_file
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -118,11 +117,7 @@ def test_killed_worker_is_restarted_by_torchrun_and_resumes_exactly(tmp_path):
     cfg = _config(tmp_path, "killed", **train)
     proc = _torchrun(2, "train.py", str(cfg), "--no-progress", "--resume", extra=["--max-restarts=1"], wait=False)
     ckpt = tmp_path / "killed" / "checkpoints" / "last.pth"
-    t0 = time.time()
-    while not ckpt.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < 240
-        time.sleep(0.02)
+    wait_for_file(ckpt, proc)
     workers = _children(proc.pid)
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)  # one worker dies without a word
@@ -140,11 +135,7 @@ def test_sigterm_to_torchrun_stops_every_worker_after_the_same_step_and_saves(tm
     cfg = _config(tmp_path, "term", max_iters=2000, eval_interval=10000, checkpoint_interval=2)
     proc = _torchrun(2, "train.py", str(cfg), "--no-progress", wait=False)
     ckpt = tmp_path / "term" / "checkpoints" / "last.pth"
-    t0 = time.time()
-    while not ckpt.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < 240
-        time.sleep(0.02)
+    wait_for_file(ckpt, proc)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers (and reports it itself)
     proc.communicate(timeout=120)
     log = (tmp_path / "term" / "train.log").read_text()

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from mtvision.engine import Trainer, load_checkpoint
 from mtvision.engine.checkpoint import CheckpointError
 from mtvision.engine.trainer import TrainingError
 
-from .helpers import tiny_config
+from .helpers import tiny_config, wait_for_file
 
 ROOT = Path(__file__).resolve().parents[2]
 # 8 training scenes / batch 4 = 2 batches per epoch: stopping after 3 steps stops mid-epoch
@@ -140,14 +139,6 @@ def _train_cmd(cfg_path, *extra):
     return [sys.executable, str(ROOT / "tools" / "train.py"), str(cfg_path), "--no-progress", *extra]
 
 
-def _wait_for(path: Path, proc, timeout=120.0):
-    t0 = time.time()
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout, f"{path} never appeared"
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_exits_zero_then_resume_finishes(tmp_path, signum):
     from .helpers import write_tiny_config
@@ -158,7 +149,7 @@ def test_signal_saves_and_exits_zero_then_resume_finishes(tmp_path, signum):
     proc = subprocess.Popen(_train_cmd(cfg, *over), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path / "work" / "checkpoints" / "last.pth"
-    _wait_for(ckpt, proc)
+    wait_for_file(ckpt, proc)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
