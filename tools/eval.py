@@ -36,7 +36,8 @@ from mtvision.config import ConfigError
 from mtvision.engine import autocast_context, evaluate_model, write_json
 from mtvision.engine.cli import (add_config_arguments, config_from_args, exit_on_user_error,
                                  load_trained_model, val_loader)
-from mtvision.engine.distributed import dist_env
+from mtvision.engine.builders import resolve_device
+from mtvision.engine.distributed import dist_env, init_distributed
 from mtvision.engine.logging import format_table
 from mtvision.evaluation import read_baselines, relative_changes
 
@@ -94,6 +95,8 @@ def _main(argv=None) -> int:
             raise ConfigError(f"--baselines: {e}") from None
     if args.cityscapes_export:
         check_cityscapes_export(cfg)
+    # under torchrun every process evaluates its share of the set (a single process otherwise)
+    init_distributed(resolve_device(cfg.train.device).type)
     model, state, device = load_trained_model(cfg, args.checkpoint)
     dataset, loader = val_loader(cfg)
     on_batch = None

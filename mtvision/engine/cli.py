@@ -45,15 +45,15 @@ def exit_on_user_error(main: Callable[[Optional[Sequence[str]]], int]):
 
 def load_trained_model(cfg: Config, checkpoint: str):
     """``(model, checkpoint dict, device)``: ``build_model(cfg.model)`` on ``cfg.train.device`` with the
-    weights of ``checkpoint``, in eval mode. Under torchrun this starts the process group."""
+    weights of ``checkpoint``, in eval mode (on this process's GPU when a process group is running)."""
     from ..models import build_model
 
-    from .distributed import init_distributed
+    from .distributed import dist_env
 
     check_tasks(cfg)
     device = resolve_device(cfg.train.device)
-    env = init_distributed(device.type)  # under torchrun: every process evaluates its share of the set
-    if device.type == "cuda" and env.distributed:
+    env = dist_env()
+    if device.type == "cuda" and env.distributed:  # a tool started the process group: its own GPU
         device = torch.device("cuda", env.local_rank)
     check_amp(cfg.train.amp, device)
     model = build_model(config_to_dict(cfg.model)).to(device)
