@@ -154,6 +154,9 @@ class OptimizerConfig:
     weight_decay: float = _f(1e-4, _NONNEG)
     momentum: float = _f(0.9, _NONNEG)
     backbone_lr_mult: float = _f(1.0, _NONNEG)
+    #: One fused kernel for the whole update (torch's ``fused=True``) where torch has one for the
+    #: parameters' device (CPU, CUDA); false: torch's default (foreach) implementation.
+    fused: bool = True
 
 
 @dataclass

@@ -231,9 +231,11 @@ def simplex_newton(fun: Callable[[Tensor], Tensor], grad_hess: Callable[[Tensor]
                           project_simplex(w[None] - (etas / hs)[:, None] * g[None])], 0)
         vals = torch.nan_to_num(fun(cand), nan=float("inf"))
         best = vals.argmin()
-        if _host_visible(best) and int(best) == 0:
-            break  # no candidate improves on w: later iterations would repeat this one
-        w = cand.index_select(0, best.reshape(1))[0]
+        w_prev, w = w, cand.index_select(0, best.reshape(1))[0]
+        if _host_visible(w) and float((w - w_prev).abs().amax()) <= 1e-12:
+            # no candidate moves w beyond rounding: later iterations would repeat this one (the
+            # Newton steps converge quadratically, so this comes a few iterations after the face)
+            break
     return w / w.sum()  # projections of far-away points leave ~1e-12 of rounding on the sum
 
 

@@ -37,6 +37,20 @@ from ..ops import gram_matrix, weighted_sum
 __all__ = ["GradientBalancer"]
 
 
+def _layout_views(flat: Tensor, like: Tensor, rows: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Two views of ``flat`` (``[rows,] *like.shape`` elements) laid out in memory as ``like`` is: the
+    contiguous one, with ``like``'s dimensions in memory order (what the ops read and write), and the
+    one with ``like``'s shape and strides (what autograd's gradients are copied into). A ``like``
+    that is not a permutation of a contiguous tensor gets the plain contiguous layout."""
+    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # stable: size-1 dims keep their place
+    if not like.permute(order).is_contiguous():
+        order = list(range(like.dim()))
+    lead = [] if rows is None else [rows]
+    dense = flat.view(*lead, *(like.shape[d] for d in order))
+    inverse = sorted(range(like.dim()), key=lambda d: order[d])
+    return dense, dense.permute(*range(len(lead)), *(len(lead) + i for i in inverse))
+
+
 class GradientBalancer:
     """Runs the backward of a gradient-aggregation method for a model with shared and per-task parameters.
 
@@ -64,10 +78,16 @@ class GradientBalancer:
         self.distributed = distributed
         self._flat: Optional[Tensor] = None  # per-task shared rows, then the heads' gradients
         self._buffers: Optional[list[Tensor]] = None
+        self._rows: Optional[list[list[Tensor]]] = None  # [t][k]: row t of buffer k (views made once)
         self._head_grads: Optional[list[Tensor]] = None
-        self._combined: Optional[list[Tensor]] = None  # persistent .grad storage of the shared parameters
-        self.last_weights: Optional[Tensor] = None
+        self._combined: Optional[list[Tensor]] = None  # the op's output: contiguous, dims in memory order
+        self._combined_grads: Optional[list[Tensor]] = None  # the same storage as the parameters' .grad
+        self.last_weights: Optional[Tensor] = None  # [T] on the parameters' device
+        self.last_weights_host: Optional[Tensor] = None  # the same [T], float64 on the host
         self.last_gram: Optional[Tensor] = None
+        self.last_gram_host: Optional[Tensor] = None  # float64, unscaled, summed across processes
+        self.last_gram_finite: bool = True
+        self.last_read: Optional[Tensor] = None  # ``read_with_gram`` of the last backward, on the host
 
     def _world_size(self) -> int:
         if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
@@ -75,16 +95,26 @@ class GradientBalancer:
         return dist.get_world_size()
 
     def _param_buffers(self, T: int) -> list[Tensor]:
-        """Per shared parameter a contiguous [T, *p.shape] buffer, and per head parameter a gradient
-        buffer, all views of one flat tensor (allocated once) so that one all-reduce covers them."""
+        """Per shared parameter a [T, *p.shape] buffer, and per head parameter a gradient buffer, all
+        views of one flat tensor (allocated once) so that one all-reduce covers them.
+
+        Every row is laid out in memory as its parameter is (channels_last weights too), and the ops
+        get the buffers as contiguous tensors with the dimensions in memory order: the combined
+        gradient then has the parameter's strides, which fused optimizers need (they read a gradient
+        as flat memory in the parameter's order)."""
         if self._buffers is None or self._buffers[0].shape[0] != T:
             heads = [p for ps in self.task_params for p in ps]
             sizes = [T * p.numel() for p in self.shared] + [p.numel() for p in heads]
             ref = self.shared[0]
             self._flat = torch.empty(sum(sizes), dtype=ref.dtype, device=ref.device)
             views = list(torch.split(self._flat, sizes))
-            self._buffers = [v.view(T, *p.shape) for v, p in zip(views, self.shared)]
-            self._head_grads = [v.view(p.shape) for v, p in zip(views[len(self.shared):], heads)]
+            dense_and_logical = [_layout_views(v, p, T) for v, p in zip(views, self.shared)]
+            self._buffers = [dense for dense, _ in dense_and_logical]
+            self._rows = [[logical[t] for _, logical in dense_and_logical] for t in range(T)]
+            self._head_grads = [_layout_views(v, p)[1] for v, p in zip(views[len(self.shared):], heads)]
+            combined = [_layout_views(p.new_empty(p.numel()), p) for p in self.shared]
+            self._combined = [dense for dense, _ in combined]
+            self._combined_grads = [logical for _, logical in combined]
         return self._buffers
 
     def _average_across_processes(self, tensor: Tensor) -> None:
@@ -93,8 +123,8 @@ class GradientBalancer:
             tensor.div_(self._world_size())
 
     def _per_task_grads(self, losses: Tensor, outputs: Sequence[Tensor], inputs: Sequence[Tensor],
-                        buffers: Sequence[Tensor]) -> None:
-        """Row t of each buffer := d losses[t] / d inputs; task parameters' .grad := their task's gradient.
+                        rows: Sequence[Sequence[Tensor]]) -> None:
+        """``rows[t][k]`` := d losses[t] / d inputs[k]; task parameters' .grad := their task's gradient.
 
         Task t's loss reaches only task t's output, so one backward of ``sum_t losses[t]`` to the outputs
         (the fused loss's single backward) gives every d L_t / d output_t; each task's backward then
@@ -108,18 +138,25 @@ class GradientBalancer:
             grads = torch.autograd.grad(outputs[t], [*inputs, *params], grad_outputs=output_grads[t],
                                         retain_graph=t < T - 1, allow_unused=True)
             # one multi-tensor copy per task (a copy kernel per parameter would dominate on a GPU)
-            rows = [buf[t] for buf in buffers]
-            present = [(row, g) for row, g in zip(rows, grads[:n]) if g is not None]
-            if present:
-                torch._foreach_copy_([r for r, _ in present], [g for _, g in present])
-            for row, g in zip(rows, grads[:n]):
-                if g is None:
-                    row.zero_()
+            input_grads = grads[:n]
+            if all(g is not None for g in input_grads):
+                torch._foreach_copy_(rows[t], list(input_grads))
+            else:  # an input this task does not reach: its row is 0
+                present = [(row, g) for row, g in zip(rows[t], input_grads) if g is not None]
+                if present:
+                    torch._foreach_copy_([r for r, _ in present], [g for _, g in present])
+                for row, g in zip(rows[t], input_grads):
+                    if g is None:
+                        row.zero_()
             for p, g in zip(params, grads[n:]):
-                p.grad = g if g is not None else torch.zeros_like(p)
+                if g is None:
+                    g = torch.zeros_like(p)
+                elif g.stride() != p.stride():  # fused optimizers read .grad as flat memory in p's order
+                    g = torch.empty_like(p).copy_(g)
+                p.grad = g
 
     def _weights(self, buffers: Sequence[Tensor], inv_scale: Optional[float],
-                 sum_across_processes: bool = False) -> Tensor:
+                 sum_across_processes: bool = False, read_with_gram: Optional[Tensor] = None) -> Tensor:
         gram = gram_matrix(buffers)
         if sum_across_processes and self._world_size() > 1:
             # feature gradients of different samples are different coordinates: the global Gramian
@@ -131,48 +168,73 @@ class GradientBalancer:
         self.last_gram = gram
         # The T x T problem is solved on the host: one copy of T^2 numbers each way per step, instead of
         # the hundreds of tiny kernel launches an iterative solver makes on a GPU (measured on an H100:
-        # MGDA / CAGrad / UPGrad steps 1.5-2.4x the passes they need when solved on the device).
-        w = self.aggregator.weights(gram.detach().to("cpu", torch.float64), self.generator)
+        # MGDA / CAGrad / UPGrad steps 1.5-2.4x the passes they need when solved on the device). The
+        # caller's small tensor (the trainer's logged losses) comes back in the same copy, so a step
+        # waits for the device once.
+        T = gram.shape[0]
+        packed = gram.detach().reshape(-1).to(torch.float64)
+        if read_with_gram is not None:
+            packed = torch.cat([packed, read_with_gram.detach().reshape(-1).to(torch.float64)])
+        packed = packed.cpu()
+        gram_host = packed[: T * T].view(T, T)
+        self.last_read = packed[T * T:] if read_with_gram is not None else None
+        self.last_gram_host = gram_host
+        self.last_gram_finite = bool(torch.isfinite(gram_host).all())
+        if self.last_gram_finite:
+            w = self.aggregator.weights(gram_host, self.generator)
+        else:  # the caller skips this step; no solver sees a NaN
+            w = torch.zeros(T, dtype=torch.float64)
+        self.last_weights_host = w
         self.last_weights = w.to(gram.device, torch.float32, non_blocking=True)
         return self.last_weights
 
     def backward(self, losses: Tensor, outputs: Sequence[Tensor], features: Optional[Sequence[Tensor]] = None,
-                 head_inputs: Optional[Sequence[Tensor]] = None, inv_scale: Optional[float] = None) -> Tensor:
+                 head_inputs: Optional[Sequence[Tensor]] = None, inv_scale: Optional[float] = None,
+                 read_with_gram: Optional[Tensor] = None) -> Tensor:
         """Sets ``.grad`` of every shared and task parameter; returns the task weights ``[T]``.
 
         ``losses``: the per-task losses ``[T]`` (graph alive; scaled under fp16); ``outputs``: each
         task's prediction, in the same order (task t's loss depends on ``outputs[t]`` only). At the
         ``rep`` level also ``features`` (the backbone/neck outputs, graph alive) and ``head_inputs``
-        (the detached leaves the heads were run on).
+        (the detached leaves the heads were run on). ``read_with_gram``: a small tensor brought to the
+        host together with the Gramian (``self.last_read``, float64).
+
+        A non-finite Gramian (``self.last_gram_finite`` false) gets no solve and zero weights: the
+        caller is to skip the step.
         """
         if self.level == "param":
             buffers = self._param_buffers(losses.shape[0])
-            self._per_task_grads(losses, outputs, self.shared, buffers)
+            self._per_task_grads(losses, outputs, self.shared, self._rows)
             if self._world_size() > 1:  # heads' gradients into the flat tensor: one all-reduce for all
                 heads = [p for ps in self.task_params for p in ps]
                 torch._foreach_copy_(self._head_grads, [p.grad for p in heads])
                 self._average_across_processes(self._flat)
                 for p, g in zip(heads, self._head_grads):
                     p.grad = g
-            w = self._weights(buffers, inv_scale)
-            if self._combined is None:
-                # contiguous even for channels_last weights: the op writes flat rows
-                self._combined = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in self.shared]
-            for p, g in zip(self.shared, weighted_sum(buffers, w, out=self._combined)):
+            w = self._weights(buffers, inv_scale, read_with_gram=read_with_gram)
+            if not self.last_gram_finite:
+                return w
+            weighted_sum(buffers, w, out=self._combined)
+            for p, g in zip(self.shared, self._combined_grads):
                 p.grad = g
             return w
         if features is None or head_inputs is None:
             raise ValueError("GradientBalancer(level='rep').backward needs features and head_inputs")
         T = losses.shape[0]
         buffers = [f.new_empty((T, *f.shape)) for f in head_inputs]
-        self._per_task_grads(losses, outputs, head_inputs, buffers)
-        w = self._weights(buffers, inv_scale, sum_across_processes=True)
+        self._per_task_grads(losses, outputs, head_inputs, [[buf[t] for buf in buffers] for t in range(T)])
+        w = self._weights(buffers, inv_scale, sum_across_processes=True, read_with_gram=read_with_gram)
+        if not self.last_gram_finite:
+            return w
         torch.autograd.backward(list(features), weighted_sum(buffers, w))
         if self._world_size() > 1:  # the local batch's share of every parameter's gradient, averaged
             params = [*self.shared, *(p for ps in self.task_params for p in ps)]
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])
             self._average_across_processes(flat)
-            for p, g in zip(params, torch.split(flat, [q.numel() for q in params])):
-                p.grad = g.view(p.shape)
+            # back into the gradients as they are laid out (channels_last stays channels_last)
+            averaged = torch.split(flat, [q.numel() for q in params])
+            torch._foreach_copy_(grads, [v.view(p.shape) for v, p in zip(averaged, params)])
+            for p, g in zip(params, grads):
+                p.grad = g
         return w

@@ -118,15 +118,32 @@ def _param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]
     return out
 
 
+def _fused_update_supported(params: list[torch.Tensor]) -> bool:
+    """True where torch has fused optimizer kernels for every parameter (floating point, on one of the
+    devices torch lists for them)."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a torch that moved the (private) list: the two devices every release has
+        devices = {"cpu", "cuda"}
+    return all(p.is_floating_point() and p.device.type in devices for p in params)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD (momentum, Nesterov off) over ``model``'s trainable parameters (see ``_param_groups``)."""
+    """AdamW or SGD (momentum, Nesterov off) over ``model``'s trainable parameters (see ``_param_groups``).
+
+    ``cfg.fused`` picks torch's fused update where the parameters' device has one: on this project's
+    CPU it makes the AdamW update of a ResNet-18 5x faster than the default, and on a GPU it is one
+    kernel per chunk instead of one per foreach op (see ``tools/benchmark.py --only step``)."""
     groups = _param_groups(model, cfg)
     if not groups:
         raise ValueError("build_optimizer: the model has no trainable parameter")
+    fused = cfg.fused and _fused_update_supported([p for g in groups for p in g["params"]])
+    kw = {"fused": True} if fused else {}
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kw)
     raise ConfigError(f"optimizer.name: unknown optimizer {cfg.name!r} (choose from: adamw, sgd)")
 
 

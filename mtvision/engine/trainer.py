@@ -291,13 +291,12 @@ class Trainer:
         if weights is not None:  # a loss weighting's weights are known now: read them in the same sync
             logged.update({f"weight/{t}": weights[i].detach() for i, t in enumerate(self.tasks)})
         logged.update(stop_and_skipped)
-        values = dict(zip(logged, torch.stack([v.float() for v in logged.values()]).tolist()))  # one sync
-        stop = values.pop("stop", 0.0) > 0 or (not self.env.distributed and self._stop_signal is not None)
-        self.skipped_samples += int(round(values.pop("skipped_samples", skipped_samples)))
+        stacked = torch.stack([v.float() for v in logged.values()])
         self.optimizer.zero_grad(set_to_none=True)
-        skipped = not math.isfinite(values["total"])
-        if not skipped:
-            if self.grad_balancer is None:
+        if self.grad_balancer is None:
+            values = dict(zip(logged, stacked.tolist()))  # the step's one wait for the device
+            skipped = not math.isfinite(values["total"])
+            if not skipped:
                 if self.loss_weighting.requires_shared_parameters:  # GradNorm: the last shared layer
                     self.loss_weighting.pre_backward(task_losses, list(self.model.last_shared_parameters()))
                 self.scaler.scale(total).backward()
@@ -305,31 +304,37 @@ class Trainer:
                     for p in self.weighting_params:
                         if p.grad is not None:
                             p.grad = self._mean_over_processes(p.grad)
-            else:
-                inv_scale = 1.0 / self.scaler.get_scale() if self.scaler.is_enabled() else None
-                weights = self.grad_balancer.backward(self.scaler.scale(task_losses),
-                                                      [outputs[t] for t in self.tasks], features, head_inputs,
-                                                      inv_scale)
-                # with fp16 the scaler finds non-finite gradients itself (and lowers its scale)
-                skipped = not self.scaler.is_enabled() and not bool(torch.isfinite(self.grad_balancer.last_gram).all())
-            if not skipped and self.cfg.train.grad_clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-                skipped = not self.scaler.is_enabled() and not math.isfinite(float(norm))
-            if skipped:
-                self.optimizer.zero_grad(set_to_none=True)
-            else:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if self.loss_weighting is not None:
-                    new_losses = None
-                    if self.loss_weighting.requires_new_losses:  # FAMO: the same batch after the step
-                        with torch.no_grad(), self.autocast():
-                            new_losses = self._mean_over_processes(
-                                self.loss_fn.task_losses(self.model(images), batch).float())
-                    self.loss_weighting.update(mean_losses, new_losses)
-        if self.grad_balancer is not None and weights is not None:  # solved on the host: no extra sync
-            values.update({f"weight/{t}": w for t, w in zip(self.tasks, weights.detach().float().tolist())})
+        else:
+            # The logged values come back with the Gramian (the step's one wait for the device); a
+            # non-finite loss makes a non-finite Gramian, which is solved for nothing and skipped.
+            inv_scale = 1.0 / self.scaler.get_scale() if self.scaler.is_enabled() else None
+            weights = self.grad_balancer.backward(self.scaler.scale(task_losses),
+                                                  [outputs[t] for t in self.tasks], features, head_inputs,
+                                                  inv_scale, read_with_gram=stacked)
+            values = dict(zip(logged, self.grad_balancer.last_read.tolist()))
+            # with fp16 the scaler finds non-finite gradients itself (and lowers its scale)
+            skipped = not math.isfinite(values["total"]) or (
+                not self.scaler.is_enabled() and not self.grad_balancer.last_gram_finite)
+        stop = values.pop("stop", 0.0) > 0 or (not self.env.distributed and self._stop_signal is not None)
+        self.skipped_samples += int(round(values.pop("skipped_samples", skipped_samples)))
+        if not skipped and self.cfg.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            skipped = not self.scaler.is_enabled() and not math.isfinite(float(norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.loss_weighting is not None:
+                new_losses = None
+                if self.loss_weighting.requires_new_losses:  # FAMO: the same batch after the step
+                    with torch.no_grad(), self.autocast():
+                        new_losses = self._mean_over_processes(
+                            self.loss_fn.task_losses(self.model(images), batch).float())
+                self.loss_weighting.update(mean_losses, new_losses)
+        if self.grad_balancer is not None:  # solved on the host: no extra sync
+            values.update({f"weight/{t}": w for t, w in zip(self.tasks, self.grad_balancer.last_weights_host.tolist())})
         if skipped:
             self.skipped_steps += 1
             self.consecutive_skips += 1

@@ -50,10 +50,14 @@ def _losses(out, targets):
                                       out["normal"], targets["normal"])
 
 
-def test_param_level_backward_equals_definition(tmp_path):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_param_level_backward_equals_definition(tmp_path, memory_format):
     """p.grad of every shared parameter == sum_t w_t * d L_t / d p with w = method(Gramian of the
-    flattened per-task gradients); heads get their own task's gradient."""
+    flattened per-task gradients); heads get their own task's gradient. Every .grad has its
+    parameter's strides (fused optimizers read it as flat memory in the parameter's order)."""
     model, images, targets = _model_and_losses(tmp_path)
+    model = model.to(memory_format=memory_format)
+    images = images.contiguous(memory_format=memory_format)
     tasks = ["seg", "depth", "normal"]
     shared = list(model.shared_parameters())
     losses = _losses(model(images), targets)
@@ -73,6 +77,9 @@ def test_param_level_backward_equals_definition(tmp_path):
     for t in range(3):
         for p, g in zip(model.task_parameters(tasks[t]), head_grads[t]):
             torch.testing.assert_close(p.grad, g)
+    assert all(p.grad.stride() == p.stride() for p in model.parameters())
+    if memory_format == torch.channels_last:  # the case that needs it: 4-D weights stored NHWC
+        assert any(not p.is_contiguous() for p in shared)
 
 
 def test_rep_level_backward_equals_definition(tmp_path):
