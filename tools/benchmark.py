@@ -1,12 +1,16 @@
 """Speed of mtvision's custom ops against their eager PyTorch baselines, measured in the same run.
 
     python tools/benchmark.py [--device cpu|cuda|all] [--repeats 15] [--json FILE]
-                              [--only loss|aggregation|step|switches|data]
+                              [--only loss|aggregation|solve|step|switches|data]
 
 Each row: median wall time of forward+backward over `--repeats` runs after warm-up, the ratio
 eager/fused, and the peak extra memory of one forward+backward (CPU: peak RSS growth, measured in a
 fresh subprocess per variant; CUDA: torch.cuda.max_memory_allocated growth). On CUDA the floor is the
 bytes the op must move divided by the device-to-device copy bandwidth measured in the same run.
+The step rows time one training step of the synthetic 3-task model per balancing method against EW
+and against the passes the method needs (interleaved rounds, median of per-round ratios), and count
+the operator calls each makes (``step_ops``, ``floor_ops``: the host work a launch-bound GPU step
+waits for). The solve rows time each gradient method's T x T solve on the host.
 The switch rows time one training step per precision / memory-format / compile setting as a ratio to
 fp32. The data rows time NYUv2-size samples per second through the dataset path in one process (one worker).
 """
@@ -280,6 +284,36 @@ def bench_aggregation(device, repeats):
     return rows
 
 
+def bench_solve(repeats):
+    """Host time of each gradient method's T x T solve (``weights(gram)``), which the device waits for
+    once per step: the trainer brings the Gramian to the host, solves, and sends T weights back."""
+    from mtvision.balancing import AGGREGATORS
+
+    rows = []
+    for T in (3, 10):
+        g = torch.Generator().manual_seed(T)
+        # conflicting task gradients: a shared direction plus larger task-specific parts
+        J = torch.randn(1, 256, generator=g, dtype=torch.float64) + 2 * torch.randn(T, 256, generator=g,
+                                                                                    dtype=torch.float64)
+        gram = J @ J.T
+        for name, cls in AGGREGATORS.items():
+            method, gen = cls(), torch.Generator().manual_seed(0)
+            t = median_time(lambda: method.weights(gram, gen), "cpu", max(repeats, 20) * 5, warmup=5)
+            rows.append({"op": f"{name} weights from the Gramian (host solve)", "shape": f"T{T}",
+                         "device": f"cpu {torch.get_num_threads()} threads", "host_ms": 1e3 * t})
+    return rows
+
+
+def dispatched_ops(fn) -> int:
+    """Operator calls (ATen and custom ops, views included) one call of ``fn`` makes: the host work that
+    bounds a step on a GPU fast enough to wait for its kernel launches, whatever machine counts it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.cpu_parent is None and "::" in e.name)
+
+
 # ------------------------------------------------------------------------------------------------
 # One training step of the synthetic 3-task model with each balancing method, against EW and against
 # the passes a parameter-level method cannot avoid: one forward and T backward passes.
@@ -362,10 +396,12 @@ def bench_training_step(device, repeats):
         times = paired_ratios(fns, device, rounds, per_round)
         row = {"op": f"train step {name} ({level})", "shape": "resnet18 3-task B8 128x160", "device": device,
                "step_ms": 1e3 * statistics.median(times["step"]),
-               "ratio_to_ew": 1.0 if name == "ew" else median_ratio(times["step"], times["ew"])}
+               "ratio_to_ew": 1.0 if name == "ew" else median_ratio(times["step"], times["ew"]),
+               "step_ops": dispatched_ops(fns["step"])}
         if "floor" in times:
             row["floor_ms"] = 1e3 * statistics.median(times["floor"])
             row["ratio_to_floor"] = median_ratio(times["step"], times["floor"])
+            row["floor_ops"] = dispatched_ops(fns["floor"])
         rows.append(row)
         if trainer is not ew:
             del trainer
@@ -485,8 +521,8 @@ def bench_data(repeats):
 
 
 def print_table(rows):
-    cols = ["op", "shape", "device", "eager_ms", "fused_ms", "speedup", "step_ms", "ratio_to_ew",
-            "ratio_to_floor", "ratio_to_fp32", "ms_per_sample", "cpu_ms_per_sample", "samples_per_s",
+    cols = ["op", "shape", "device", "eager_ms", "fused_ms", "speedup", "host_ms", "step_ms", "ratio_to_ew",
+            "ratio_to_floor", "step_ops", "floor_ops", "ratio_to_fp32", "ms_per_sample", "cpu_ms_per_sample", "samples_per_s",
             "eager_gpu_ms", "fused_gpu_ms",
             "floor_ms", "eager_peak_extra_MB", "fused_peak_extra_MB", "grad_buffer_MB", "rel_diff"]
     cols = [c for c in cols if any(c in r for r in rows)]
@@ -505,7 +541,7 @@ def main(argv=None):
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--only", choices=["loss", "aggregation", "step", "switches", "data"],
+    parser.add_argument("--only", choices=["loss", "aggregation", "solve", "step", "switches", "data"],
                         help="run one group of rows")
     parser.add_argument("--_memory-probe", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -530,6 +566,8 @@ def main(argv=None):
             rows += bench_training_step(device, args.repeats)
         if args.only in (None, "switches"):
             rows += bench_switches(device, args.repeats)
+    if args.only in (None, "solve"):  # host work, whatever --device says
+        rows += bench_solve(args.repeats)
     if args.only in (None, "data"):  # CPU work, whatever --device says
         rows += bench_data(args.repeats)
     print_table(rows)

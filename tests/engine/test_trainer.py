@@ -9,6 +9,7 @@ import torch
 from mtvision.config import ConfigError, load_config
 from mtvision.engine import Trainer, primary_score
 from mtvision.engine.checkpoint import load_checkpoint
+from mtvision.engine.trainer import clip_grad_norm
 
 from .helpers import tiny_config
 
@@ -121,3 +122,20 @@ def test_bf16_autocast_on_cpu(tmp_path):
     values = [trainer.train_step(batch) for _ in range(2)]
     assert all(v["skipped"] == 0 and math.isfinite(v["total"]) for v in values)
     assert math.isfinite(trainer.evaluate()["seg/mIoU"])
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipping, and a norm already below the limit
+def test_clip_grad_norm_equals_torch(max_norm):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in [(4, 3, 3, 3), (7,), (5, 2)]]
+    params.append(torch.nn.Parameter(torch.randn(3), requires_grad=False))  # no gradient: left out
+    ours = [p.detach().clone().requires_grad_() for p in params[:3]]
+    for p, q in zip(params[:3], ours):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(params[:3], max_norm)
+    got = clip_grad_norm(ours + params[3:], max_norm)
+    assert torch.equal(got, expected)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(params[:3], ours))
+    after = torch.linalg.vector_norm(torch.cat([q.grad.reshape(-1) for q in ours]))
+    torch.testing.assert_close(after, torch.clamp(expected, max=max_norm), rtol=1e-5, atol=0)
