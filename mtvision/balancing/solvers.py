@@ -191,7 +191,7 @@ def project_simplex(Y: Tensor) -> Tensor:
 
 
 def simplex_newton(fun: Callable[[Tensor], Tensor], grad_hess: Callable[[Tensor], tuple[Tensor, Tensor]],
-                   w0: Tensor, iters: int = 20, num_steps: int = 10) -> Tensor:
+                   w0: Tensor, iters: int = 20, num_steps: int = 10, kkt_tol: float = 1e-8) -> Tensor:
     """Minimise a smooth convex ``fun`` over the probability simplex, from ``w0`` [T].
 
     ``fun(W [K,T]) -> [K]``; ``grad_hess(w [T]) -> (g [T], H [T,T])``. Each iteration builds the Newton
@@ -201,7 +201,8 @@ def simplex_newton(fun: Callable[[Tensor], Tensor], grad_hess: Callable[[Tensor]
     ``proj(w + t p)`` (which may change the face) and at ``proj(w − η g)`` for as many step sizes
     around ``1/||H||``, all in one batched call, and keeps the best point (or ``w``).
     The iterates are monotone; once the face is found the steps are Newton steps (quadratic
-    convergence).
+    convergence). On CPU the loop stops once the KKT conditions hold to ``kkt_tol`` relative to the
+    largest gradient entry, or once no candidate moves w.
     """
     w = w0.to(torch.float64)
     T = w.shape[0]
@@ -211,6 +212,12 @@ def simplex_newton(fun: Callable[[Tensor], Tensor], grad_hess: Callable[[Tensor]
     for _ in range(iters):
         g, H = grad_hess(w)
         lam = w @ g
+        if _host_visible(w):
+            # KKT conditions on the simplex: g_i = λ where w_i > 0, g_i >= λ where w_i = 0
+            support = w > 1e-12
+            residual = torch.where(support, (g - lam).abs(), (lam - g).clamp_min(0)).amax()
+            if float(residual) <= kkt_tol * float(g.abs().amax().clamp_min(1e-300)):
+                break
         free = (w > 1e-12) | (g < lam)
         ff = free[:, None] & free[None, :]
         hs = H.diagonal().abs().amax().clamp_min(1e-30)
