@@ -159,6 +159,21 @@ def test_nnls_matches_enumeration(kind, T):
         assert obj(x[b]) <= obj(ref) + 1e-10 * (1 + abs(obj(ref)))
 
 
+@pytest.mark.parametrize("kind,T", cases(sizes=(2, 3, 6, 9)))
+def test_nnls_host_steps_equal_the_batched_steps(kind, T, monkeypatch):
+    """The CPU path (Python control flow, row by row) and the batched path (fixed iterations, used on
+    accelerators) take the same steps: same solution, also on rank-deficient and singular problems
+    (P < T: more tasks than independent directions)."""
+    J = make_jacobian(kind, T, P=6)
+    rng = np.random.default_rng(T)
+    Q = gram(J)
+    q = torch.tensor((J.numpy() @ rng.standard_normal((6, 4))).T)
+    host = solvers.nnls_gram(Q, q)
+    monkeypatch.setattr(solvers, "_host_visible", lambda t: False)
+    batched = solvers.nnls_gram(Q, q)
+    torch.testing.assert_close(host, batched, rtol=1e-9, atol=1e-12)
+
+
 def test_project_simplex_is_the_euclidean_projection():
     gen = torch.Generator().manual_seed(0)
     Y = torch.randn(50, 7, generator=gen, dtype=torch.float64) * 3
