@@ -1,5 +1,5 @@
-"""Smoke tests of `tools/benchmark.py`: the data rows on a tiny shape (the real row is 288x384), and the
-interleaved timing the step rows use."""
+"""Smoke tests of `tools/benchmark.py`: the data rows on a tiny shape (the real row is 288x384), the
+interleaved timing and the operator count the step rows use, and the host solve rows."""
 
 import importlib.util
 import json
@@ -8,10 +8,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_data_rows(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("mtv_tool_benchmark", ROOT / "tools" / "benchmark.py")
+def _load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_data_rows(tmp_path, monkeypatch, capsys):
+    bench = _load_benchmark("mtv_tool_benchmark")
     monkeypatch.setattr(bench, "DATA_SHAPE", ("tiny", 12, 16))
     monkeypatch.setattr(bench, "DATA_SAMPLES", 2)
     out = tmp_path / "rows.json"
@@ -24,12 +29,36 @@ def test_benchmark_data_rows(tmp_path, monkeypatch, capsys):
 
 
 def test_paired_ratios_interleave_and_take_per_round_ratios():
-    spec = importlib.util.spec_from_file_location("mtv_tool_benchmark2", ROOT / "tools" / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark("mtv_tool_benchmark2")
     calls = []
     times = bench.paired_ratios({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu",
                                 rounds=3, per_round=2, warmup=1)
     assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
     assert set(times) == {"a", "b"} and all(len(v) == 3 for v in times.values())
     assert bench.median_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0]) == 3.0
+
+
+def test_dispatched_ops_counts_outermost_operator_calls():
+    import torch
+
+    bench = _load_benchmark("mtv_tool_benchmark3")
+    a = torch.randn(4, 4)
+
+    def three_ops():
+        b = a + 1  # one call
+        with torch.profiler.record_function("scope"):  # a scope is not an operator: its calls count
+            c = torch.nn.functional.linear(b, a)  # one call, whatever it calls inside
+        return c.sum()  # one call
+
+    assert bench.dispatched_ops(three_ops) == 3
+
+
+def test_benchmark_solve_rows(tmp_path):
+    bench = _load_benchmark("mtv_tool_benchmark4")
+    out = tmp_path / "rows.json"
+    bench.main(["--only", "solve", "--repeats", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    from mtvision.balancing import AGGREGATORS
+
+    assert len(rows) == 2 * len(AGGREGATORS)
+    assert all(r["host_ms"] > 0 and r["shape"] in ("T3", "T10") for r in rows)

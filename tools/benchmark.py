@@ -309,9 +309,17 @@ def dispatched_ops(fn) -> int:
     bounds a step on a GPU fast enough to wait for its kernel launches, whatever machine counts it."""
     from torch.profiler import ProfilerActivity, profile
 
+    def outermost(e) -> bool:  # an operator not called by another one (record_function scopes don't count)
+        p = e.cpu_parent
+        while p is not None:
+            if "::" in p.name:
+                return False
+            p = p.cpu_parent
+        return True
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(1 for e in prof.events() if e.cpu_parent is None and "::" in e.name)
+    return sum(1 for e in prof.events() if "::" in e.name and outermost(e))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,24 +381,7 @@ def bench_training_step(device, repeats):
         trainer = ew if name == "ew" else trainer_for(name, level)
         fns = {"step": lambda: trainer.train_step(batch), "ew": lambda: ew.train_step(batch)}
         if level == "param" and name != "ew":
-            # the passes a parameter-level method needs, alone: one forward, the loss backward to the
-            # task outputs, then per task a backward from its output through its head and the backbone
-            model, loss_fn, tasks = trainer.model, trainer.loss_fn, trainer.tasks
-            shared = [p for p in model.shared_parameters() if p.requires_grad]
-            images = batch["image"].to(trainer.device)
-            targets = {t: batch[t].to(trainer.device) for t in tasks}
-
-            def forward_and_t_backwards():
-                with trainer.autocast():
-                    outputs = model(images)
-                losses = loss_fn.task_losses(outputs, targets)
-                outs = [outputs[t] for t in tasks]
-                out_grads = torch.autograd.grad(losses.sum(), outs, retain_graph=True)
-                for i, t in enumerate(tasks):
-                    torch.autograd.grad(outs[i], shared + list(model.task_parameters(t)), out_grads[i],
-                                        retain_graph=i < len(tasks) - 1, allow_unused=True)
-
-            fns["floor"] = forward_and_t_backwards
+            fns["floor"] = per_task_passes(trainer, batch)[0]
         if name == "ew":
             del fns["ew"]
         times = paired_ratios(fns, device, rounds, per_round)
@@ -405,7 +396,47 @@ def bench_training_step(device, repeats):
         rows.append(row)
         if trainer is not ew:
             del trainer
+    # How the per-task gradients are taken: T backward passes from the task outputs (what the trainer
+    # does) against one vmapped pass over the T losses (autograd's is_grads_batched)
+    sequential, batched = per_task_passes(ew, batch)
+    times = paired_ratios({"sequential": sequential, "batched": batched}, device, rounds, per_round)
+    rows.append({"op": "per-task gradients: one is_grads_batched pass vs T passes", "shape": "resnet18 3-task B8 128x160",
+                 "device": device, "sequential_ms": 1e3 * statistics.median(times["sequential"]),
+                 "batched_ms": 1e3 * statistics.median(times["batched"]),
+                 "batched_over_sequential": median_ratio(times["batched"], times["sequential"])})
     return rows
+
+
+def per_task_passes(trainer, batch):
+    """``(sequential, batched)``: the passes a parameter-level method needs, alone: one forward, then
+    either the loss backward to the task outputs and per task a backward from its output through its
+    head and the backbone (``sequential``, what ``GradientBalancer`` does), or one backward of the T
+    losses vmapped over the rows of the identity (``batched``)."""
+    model, loss_fn, tasks = trainer.model, trainer.loss_fn, trainer.tasks
+    shared = [p for p in model.shared_parameters() if p.requires_grad]
+    images = batch["image"].to(trainer.device)
+    targets = {t: batch[t].to(trainer.device) for t in tasks}
+
+    def forward():
+        with trainer.autocast():
+            outputs = model(images)
+        return outputs, loss_fn.task_losses(outputs, targets)
+
+    def sequential():
+        outputs, losses = forward()
+        outs = [outputs[t] for t in tasks]
+        out_grads = torch.autograd.grad(losses.sum(), outs, retain_graph=True)
+        for i, t in enumerate(tasks):
+            torch.autograd.grad(outs[i], shared + list(model.task_parameters(t)), out_grads[i],
+                                retain_graph=i < len(tasks) - 1, allow_unused=True)
+
+    def batched():
+        _, losses = forward()
+        eye = torch.eye(len(tasks), device=losses.device, dtype=losses.dtype)
+        heads = [p for t in tasks for p in model.task_parameters(t)]
+        torch.autograd.grad(losses, shared + heads, eye, is_grads_batched=True, allow_unused=True)
+
+    return sequential, batched
 
 
 # (row name, config overrides): the precision and speed switches of train.*; fp16 needs CUDA
@@ -522,7 +553,7 @@ def bench_data(repeats):
 
 def print_table(rows):
     cols = ["op", "shape", "device", "eager_ms", "fused_ms", "speedup", "host_ms", "step_ms", "ratio_to_ew",
-            "ratio_to_floor", "step_ops", "floor_ops", "ratio_to_fp32", "ms_per_sample", "cpu_ms_per_sample", "samples_per_s",
+            "ratio_to_floor", "step_ops", "floor_ops", "sequential_ms", "batched_ms", "batched_over_sequential", "ratio_to_fp32", "ms_per_sample", "cpu_ms_per_sample", "samples_per_s",
             "eager_gpu_ms", "fused_gpu_ms",
             "floor_ms", "eager_peak_extra_MB", "fused_peak_extra_MB", "grad_buffer_MB", "rel_diff"]
     cols = [c for c in cols if any(c in r for r in rows)]
