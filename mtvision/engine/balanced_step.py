@@ -17,6 +17,11 @@ T x T Gramian is summed across processes (one small all-reduce) and the paramete
 averaged with one more. Run the forward and this backward under DDP's ``no_sync()`` so that DDP's own
 reducer stays out of it.
 
+The device is waited for once per step: the Gramian comes to the host (with any small tensor the
+caller passes, e.g. its logged losses), the T x T problem is solved there and T weights go back. The
+buffers keep each parameter's memory layout, so ``.grad`` has the parameter's strides, as fused
+optimizer updates require.
+
 Task-specific parameters (a head) get the gradient of their own task's loss. With fp16 loss scaling
 the per-task losses come in scaled; the Gramian is unscaled (divided by scale^2) before the weights
 are computed, and the combined gradient stays scaled for ``GradScaler.step``.
