@@ -17,7 +17,7 @@ T x T Gramian is summed across processes (one small all-reduce) and the paramete
 averaged with one more. Run the forward and this backward under DDP's ``no_sync()`` so that DDP's own
 reducer stays out of it.
 
-The device is waited for once per step: the Gramian comes to the host (with any small tensor the
+The device is waited for once in this backward: the Gramian comes to the host (with any small tensor the
 caller passes, e.g. its logged losses), the T x T problem is solved there and T weights go back. The
 buffers keep each parameter's memory layout, so ``.grad`` has the parameter's strides, as fused
 optimizer updates require.
@@ -174,8 +174,8 @@ class GradientBalancer:
         # The T x T problem is solved on the host: one copy of T^2 numbers each way per step, instead of
         # the hundreds of tiny kernel launches an iterative solver makes on a GPU (measured on an H100:
         # MGDA / CAGrad / UPGrad steps 1.5-2.4x the passes they need when solved on the device). The
-        # caller's small tensor (the trainer's logged losses) comes back in the same copy, so a step
-        # waits for the device once.
+        # caller's small tensor (the trainer's logged losses) comes back in the same copy, so the
+        # step's first wait for the device is also its only one before the update.
         T = gram.shape[0]
         packed = gram.detach().reshape(-1).to(torch.float64)
         if read_with_gram is not None:

@@ -310,7 +310,7 @@ class Trainer:
         stacked = torch.stack([v.float() for v in logged.values()])
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_balancer is None:
-            values = dict(zip(logged, stacked.tolist()))  # the step's one wait for the device
+            values = dict(zip(logged, stacked.tolist()))  # waits for the forward
             skipped = not math.isfinite(values["total"])
             if not skipped:
                 if self.loss_weighting.requires_shared_parameters:  # GradNorm: the last shared layer
@@ -321,7 +321,7 @@ class Trainer:
                         if p.grad is not None:
                             p.grad = self._mean_over_processes(p.grad)
         else:
-            # The logged values come back with the Gramian (the step's one wait for the device); a
+            # The logged values come back with the Gramian (the step's one wait before the update); a
             # non-finite loss makes a non-finite Gramian, which is solved for nothing and skipped.
             inv_scale = 1.0 / self.scaler.get_scale() if self.scaler.is_enabled() else None
             weights = self.grad_balancer.backward(self.scaler.scale(task_losses),
