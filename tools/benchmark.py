@@ -400,8 +400,9 @@ def bench_training_step(device, repeats):
     # does) against one vmapped pass over the T losses (autograd's is_grads_batched)
     sequential, batched = per_task_passes(ew, batch)
     times = paired_ratios({"sequential": sequential, "batched": batched}, device, rounds, per_round)
-    rows.append({"op": "per-task gradients: one is_grads_batched pass vs T passes", "shape": "resnet18 3-task B8 128x160",
-                 "device": device, "sequential_ms": 1e3 * statistics.median(times["sequential"]),
+    rows.append({"op": "per-task gradients: one is_grads_batched pass vs T passes",
+                 "shape": "resnet18 3-task B8 128x160", "device": device,
+                 "sequential_ms": 1e3 * statistics.median(times["sequential"]),
                  "batched_ms": 1e3 * statistics.median(times["batched"]),
                  "batched_over_sequential": median_ratio(times["batched"], times["sequential"])})
     return rows
@@ -553,7 +554,8 @@ def bench_data(repeats):
 
 def print_table(rows):
     cols = ["op", "shape", "device", "eager_ms", "fused_ms", "speedup", "host_ms", "step_ms", "ratio_to_ew",
-            "ratio_to_floor", "step_ops", "floor_ops", "sequential_ms", "batched_ms", "batched_over_sequential", "ratio_to_fp32", "ms_per_sample", "cpu_ms_per_sample", "samples_per_s",
+            "ratio_to_floor", "step_ops", "floor_ops", "sequential_ms", "batched_ms",
+            "batched_over_sequential", "ratio_to_fp32", "ms_per_sample", "cpu_ms_per_sample", "samples_per_s",
             "eager_gpu_ms", "fused_gpu_ms",
             "floor_ms", "eager_peak_extra_MB", "fused_peak_extra_MB", "grad_buffer_MB", "rel_diff"]
     cols = [c for c in cols if any(c in r for r in rows)]

@@ -142,7 +142,8 @@ def _nnls_rows_host(Q: Tensor, q: Tensor, thr: list[float], ridge: float, max_it
         for _ in range(max_iter):
             j = -1
             if not inner:  # outer step: free the variable with the largest negative gradient
-                free = [(ql[b][i] - sum(Ql[i][k] * x[k] for k in range(T) if P[k]), i) for i in range(T) if not P[i]]
+                free = [(ql[b][i] - sum(Ql[i][k] * x[k] for k in range(T) if P[k]), i)
+                        for i in range(T) if not P[i]]
                 if not free:
                     break
                 wmax = max(w for w, _ in free)

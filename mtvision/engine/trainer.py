@@ -350,7 +350,8 @@ class Trainer:
                             self.loss_fn.task_losses(self.model(images), batch).float())
                 self.loss_weighting.update(mean_losses, new_losses)
         if self.grad_balancer is not None:  # solved on the host: no extra sync
-            values.update({f"weight/{t}": w for t, w in zip(self.tasks, self.grad_balancer.last_weights_host.tolist())})
+            host_weights = self.grad_balancer.last_weights_host.tolist()
+            values.update({f"weight/{t}": w for t, w in zip(self.tasks, host_weights)})
         if skipped:
             self.skipped_steps += 1
             self.consecutive_skips += 1
