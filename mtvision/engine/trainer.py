@@ -324,9 +324,8 @@ class Trainer:
             # The logged values come back with the Gramian (the step's one wait before the update); a
             # non-finite loss makes a non-finite Gramian, which is solved for nothing and skipped.
             inv_scale = 1.0 / self.scaler.get_scale() if self.scaler.is_enabled() else None
-            weights = self.grad_balancer.backward(self.scaler.scale(task_losses),
-                                                  [outputs[t] for t in self.tasks], features, head_inputs,
-                                                  inv_scale, read_with_gram=stacked)
+            self.grad_balancer.backward(self.scaler.scale(task_losses), [outputs[t] for t in self.tasks],
+                                        features, head_inputs, inv_scale, read_with_gram=stacked)
             values = dict(zip(logged, self.grad_balancer.last_read.tolist()))
             # with fp16 the scaler finds non-finite gradients itself (and lowers its scale)
             skipped = not math.isfinite(values["total"]) or (
