@@ -4,41 +4,20 @@
 """
 
 from .backbones import BackboneError, TimmCNNBackbone, ViTBackbone, build_backbone
-from .heads import (
-    ASPP,
-    DeepLabDecoder,
-    DeepLabDepthHead,
-    DeepLabHead,
-    DeepLabNormalHead,
-    DeepLabSegmentationHead,
-    DenseHead,
-    DepthHead,
-    NormalHead,
-    SegmentationHead,
-    SemanticFPNDecoder,
-)
+from . import heads
+from .heads import *  # noqa: F401,F403 -- every head class, listed once in heads.__all__
 from .multitask import HEADS, NECKS, MultiTaskModel, build_model
 from .necks import FPNNeck
 
 __all__ = [
-    "ASPP",
     "BackboneError",
-    "DeepLabDecoder",
-    "DeepLabDepthHead",
-    "DeepLabHead",
-    "DeepLabNormalHead",
-    "DeepLabSegmentationHead",
-    "DenseHead",
-    "DepthHead",
     "FPNNeck",
     "HEADS",
     "MultiTaskModel",
     "NECKS",
-    "NormalHead",
-    "SegmentationHead",
-    "SemanticFPNDecoder",
     "TimmCNNBackbone",
     "ViTBackbone",
     "build_backbone",
     "build_model",
+    *heads.__all__,
 ]
