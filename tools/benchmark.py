@@ -356,55 +356,66 @@ def median_ratio(a, b):
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+# (shape, config overrides): the synthetic model, and a copy so small that the host's work per operator
+# call is all a step costs, as on a GPU step bound by kernel launches (measurable on any machine)
+STEP_SETUPS = [("resnet18 3-task B8 128x160", ["data.batch_size=8"]),
+               ("host-bound: test_resnet, 16-channel FPN and heads, B2 32x32",
+                ["data.batch_size=2", "data.size=[32,32]", "model.backbone.name=test_resnet",
+                 "model.neck.out_channels=16", "model.heads.seg.channels=16", "model.heads.depth.channels=16",
+                 "model.heads.normal.channels=16"])]
+
+
 def bench_training_step(device, repeats):
-    """One training step per method (the EW step and the passes the method needs timed in the same
-    interleaved rounds, see ``paired_ratios``)."""
+    """One training step per method and setup (``STEP_SETUPS``); the EW step and the passes the method
+    needs timed in the same interleaved rounds, see ``paired_ratios``."""
     from mtvision.config import load_config
     from mtvision.engine import Trainer
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    overrides = [f"train.device={device}", "data.num_workers=0", "data.batch_size=8", "train.log_interval=1000"]
+    base = [f"train.device={device}", "data.num_workers=0", "train.log_interval=1000"]
     if device == "cuda":
-        overrides.append("train.amp=bf16")
-
-    def trainer_for(name, level):
-        cfg = load_config(os.path.join(root, "configs/synthetic/mtl_resnet18.yaml"),
-                          overrides + [f"balancer.name={name}", f"balancer.level={level}"])
-        return Trainer(cfg, console=False, progress=False)
-
-    ew = trainer_for("ew", "param")
-    batch = next(iter(ew.train_loader))
+        base.append("train.amp=bf16")
     rounds = max(3, repeats // 2)
-    per_round = 10 if device == "cuda" else 1  # GPU steps are short: average a few per timing
     rows = []
-    for name, level in STEP_METHODS:
-        trainer = ew if name == "ew" else trainer_for(name, level)
-        fns = {"step": lambda: trainer.train_step(batch), "ew": lambda: ew.train_step(batch)}
-        if level == "param" and name != "ew":
-            fns["floor"] = per_task_passes(trainer, batch)[0]
-        if name == "ew":
-            del fns["ew"]
-        times = paired_ratios(fns, device, rounds, per_round)
-        row = {"op": f"train step {name} ({level})", "shape": "resnet18 3-task B8 128x160", "device": device,
-               "step_ms": 1e3 * statistics.median(times["step"]),
-               "ratio_to_ew": 1.0 if name == "ew" else median_ratio(times["step"], times["ew"]),
-               "step_ops": dispatched_ops(fns["step"])}
-        if "floor" in times:
-            row["floor_ms"] = 1e3 * statistics.median(times["floor"])
-            row["ratio_to_floor"] = median_ratio(times["step"], times["floor"])
-            row["floor_ops"] = dispatched_ops(fns["floor"])
-        rows.append(row)
-        if trainer is not ew:
-            del trainer
-    # How the per-task gradients are taken: T backward passes from the task outputs (what the trainer
-    # does) against one vmapped pass over the T losses (autograd's is_grads_batched)
-    sequential, batched = per_task_passes(ew, batch)
-    times = paired_ratios({"sequential": sequential, "batched": batched}, device, rounds, per_round)
-    rows.append({"op": "per-task gradients: one is_grads_batched pass vs T passes",
-                 "shape": "resnet18 3-task B8 128x160", "device": device,
-                 "sequential_ms": 1e3 * statistics.median(times["sequential"]),
-                 "batched_ms": 1e3 * statistics.median(times["batched"]),
-                 "batched_over_sequential": median_ratio(times["batched"], times["sequential"])})
+    for shape, overrides in STEP_SETUPS:
+        def trainer_for(name, level):
+            cfg = load_config(os.path.join(root, "configs/synthetic/mtl_resnet18.yaml"),
+                              base + overrides + [f"balancer.name={name}", f"balancer.level={level}"])
+            return Trainer(cfg, console=False, progress=False)
+
+        ew = trainer_for("ew", "param")
+        batch = next(iter(ew.train_loader))
+        # GPU steps and host-bound ones are short: average a few per timing
+        per_round = 10 if device == "cuda" or shape.startswith("host-bound") else 1
+        for name, level in STEP_METHODS:
+            trainer = ew if name == "ew" else trainer_for(name, level)
+            fns = {"step": lambda: trainer.train_step(batch), "ew": lambda: ew.train_step(batch)}
+            if level == "param" and name != "ew":
+                fns["floor"] = per_task_passes(trainer, batch)[0]
+            if name == "ew":
+                del fns["ew"]
+            times = paired_ratios(fns, device, rounds, per_round)
+            row = {"op": f"train step {name} ({level})", "shape": shape, "device": device,
+                   "step_ms": 1e3 * statistics.median(times["step"]),
+                   "ratio_to_ew": 1.0 if name == "ew" else median_ratio(times["step"], times["ew"]),
+                   "step_ops": dispatched_ops(fns["step"])}
+            if "floor" in times:
+                row["floor_ms"] = 1e3 * statistics.median(times["floor"])
+                row["ratio_to_floor"] = median_ratio(times["step"], times["floor"])
+                row["floor_ops"] = dispatched_ops(fns["floor"])
+            rows.append(row)
+            if trainer is not ew:
+                del trainer
+        if shape == STEP_SETUPS[0][0]:
+            # How the per-task gradients are taken: T backward passes from the task outputs (what the
+            # trainer does) against one vmapped pass over the T losses (autograd's is_grads_batched)
+            sequential, batched = per_task_passes(ew, batch)
+            times = paired_ratios({"sequential": sequential, "batched": batched}, device, rounds, per_round)
+            rows.append({"op": "per-task gradients: one is_grads_batched pass vs T passes", "shape": shape,
+                         "device": device, "sequential_ms": 1e3 * statistics.median(times["sequential"]),
+                         "batched_ms": 1e3 * statistics.median(times["batched"]),
+                         "batched_over_sequential": median_ratio(times["batched"], times["sequential"])})
+        del ew
     return rows
 
 

@@ -18,7 +18,8 @@ averaged with one more. Run the forward and this backward under DDP's ``no_sync(
 reducer stays out of it.
 
 The device is waited for once in this backward: the Gramian comes to the host (with any small tensor the
-caller passes, e.g. its logged losses), the T x T problem is solved there and T weights go back. The
+caller passes, e.g. its logged losses), the T x T problem is solved there and T weights go back.
+Gradient clipping at the parameter level is folded into those weights (``max_norm``). The
 buffers keep each parameter's memory layout, so ``.grad`` has the parameter's strides, as fused
 optimizer updates require.
 
@@ -29,6 +30,7 @@ are computed, and the combined gradient stays scaled for ``GradScaler.step``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -93,6 +95,7 @@ class GradientBalancer:
         self.last_gram_host: Optional[Tensor] = None  # float64, unscaled, summed across processes
         self.last_gram_finite: bool = True
         self.last_read: Optional[Tensor] = None  # ``read_with_gram`` of the last backward, on the host
+        self.last_grad_norm: Optional[float] = None  # total norm before clipping (``max_norm`` given)
 
     def _world_size(self) -> int:
         if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
@@ -193,9 +196,21 @@ class GradientBalancer:
         self.last_weights = w.to(gram.device, torch.float32, non_blocking=True)
         return self.last_weights
 
+    def _clip_factor(self, head_grads: Sequence[Tensor], head_norm: float, max_norm: float) -> float:
+        """``torch.nn.utils.clip_grad_norm_``'s factor for the combined shared gradient and the heads'
+        gradients, with no pass over the shared gradient: its squared norm is ``w^T G w`` from the
+        Gramian on the host. Scales the heads' gradients in place; the caller scales the weights."""
+        w, gram = self.last_weights_host, self.last_gram_host
+        total = math.sqrt(max(float(w @ gram @ w), 0.0) + head_norm * head_norm)
+        self.last_grad_norm = total
+        factor = min(1.0, max_norm / (total + 1e-6))
+        if factor < 1.0 and head_grads:
+            torch._foreach_mul_(list(head_grads), factor)
+        return factor
+
     def backward(self, losses: Tensor, outputs: Sequence[Tensor], features: Optional[Sequence[Tensor]] = None,
                  head_inputs: Optional[Sequence[Tensor]] = None, inv_scale: Optional[float] = None,
-                 read_with_gram: Optional[Tensor] = None) -> Tensor:
+                 read_with_gram: Optional[Tensor] = None, max_norm: Optional[float] = None) -> Tensor:
         """Sets ``.grad`` of every shared and task parameter; returns the task weights ``[T]``.
 
         ``losses``: the per-task losses ``[T]`` (graph alive; scaled under fp16); ``outputs``: each
@@ -204,21 +219,44 @@ class GradientBalancer:
         (the detached leaves the heads were run on). ``read_with_gram``: a small tensor brought to the
         host together with the Gramian (``self.last_read``, float64).
 
+        ``max_norm`` (parameter level, unscaled losses): clip the gradients this sets to that total L2
+        norm, as ``torch.nn.utils.clip_grad_norm_`` would after this backward, but folded into the
+        weights: the combined gradient's squared norm is ``w^T G w`` and the heads' norm comes back
+        with the Gramian, so clipping costs no pass over the gradients and no wait for the device
+        (``self.last_grad_norm``: the norm before clipping, on the host).
+
         A non-finite Gramian (``self.last_gram_finite`` false) gets no solve and zero weights: the
         caller is to skip the step.
         """
+        if max_norm is not None and (self.level != "param" or inv_scale is not None):
+            raise ValueError("GradientBalancer.backward: max_norm needs level='param' and unscaled losses")
+        self.last_grad_norm = None
         if self.level == "param":
             buffers = self._param_buffers(losses.shape[0])
             self._per_task_grads(losses, outputs, self.shared, self._rows)
+            heads = [p for ps in self.task_params for p in ps]
             if self._world_size() > 1:  # heads' gradients into the flat tensor: one all-reduce for all
-                heads = [p for ps in self.task_params for p in ps]
                 torch._foreach_copy_(self._head_grads, [p.grad for p in heads])
                 self._average_across_processes(self._flat)
                 for p, g in zip(heads, self._head_grads):
                     p.grad = g
-            w = self._weights(buffers, inv_scale, read_with_gram=read_with_gram)
+            head_grads = [p.grad for p in heads]
+            to_read = read_with_gram
+            if max_norm is not None:  # the heads' norm comes to the host with the Gramian
+                head_norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(head_grads)))
+                             if head_grads else buffers[0].new_zeros(()))
+                to_read = head_norm.reshape(1) if to_read is None else torch.cat(
+                    [to_read.detach().reshape(-1).to(head_norm.dtype), head_norm.reshape(1)])
+            w = self._weights(buffers, inv_scale, read_with_gram=to_read)
+            if max_norm is not None:
+                head_norm_host = float(self.last_read[-1])
+                self.last_read = self.last_read[:-1] if read_with_gram is not None else None
             if not self.last_gram_finite:
                 return w
+            if max_norm is not None:
+                factor = self._clip_factor(head_grads, head_norm_host, max_norm)
+                if factor < 1.0:
+                    w = (self.last_weights_host * factor).to(w.device, w.dtype, non_blocking=True)
             weighted_sum(buffers, w, out=self._combined)
             for p, g in zip(self.shared, self._combined_grads):
                 p.grad = g

@@ -162,6 +162,8 @@ class Trainer:
             self.weighting_params = [p for p in self.loss_weighting.parameters() if p.requires_grad]
             if self.weighting_params:  # UW's log-variances train with the model, without weight decay
                 self.optimizer.add_param_group({"params": self.weighting_params, "weight_decay": 0.0})
+        # listed once: walking the module tree for them every step is host work a fast GPU waits for
+        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.max_iters)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         if cfg.train.compile:
@@ -274,7 +276,8 @@ class Trainer:
         "skipped": 0|1, "stop": 0|1}`` (losses as floats before the update, averaged
         over processes; ``total`` is the weighted objective of a loss-weighting method, the plain sum of
         task losses for a gradient method; ``stop``: a process received SIGTERM/SIGINT)."""
-        self.model.train()
+        if not self.model.training:  # train() walks every module: only after an evaluation put it in eval
+            self.model.train()
         T = len(self.tasks)
         skipped_samples = batch.get("num_skipped", 0) + self._pending_skipped_samples
         self._pending_skipped_samples = 0
@@ -308,7 +311,13 @@ class Trainer:
             logged.update({f"weight/{t}": weights[i].detach() for i, t in enumerate(self.tasks)})
         logged.update(stop_and_skipped)
         stacked = torch.stack([v.float() for v in logged.values()])
-        self.optimizer.zero_grad(set_to_none=True)
+        # a parameter-level gradient method assigns every .grad itself; the other backwards accumulate
+        if self.grad_balancer is None or self.grad_balancer.level == "rep":
+            self.optimizer.zero_grad(set_to_none=True)
+        # A parameter-level gradient method clips inside its backward, folded into the task weights (no
+        # pass over the gradients, no second wait for the device); with fp16 the scaler unscales first.
+        clip_in_balancer = (self.grad_balancer is not None and self.grad_balancer.level == "param"
+                            and self.cfg.train.grad_clip is not None and not self.scaler.is_enabled())
         if self.grad_balancer is None:
             values = dict(zip(logged, stacked.tolist()))  # waits for the forward
             skipped = not math.isfinite(values["total"])
@@ -325,16 +334,19 @@ class Trainer:
             # non-finite loss makes a non-finite Gramian, which is solved for nothing and skipped.
             inv_scale = 1.0 / self.scaler.get_scale() if self.scaler.is_enabled() else None
             self.grad_balancer.backward(self.scaler.scale(task_losses), [outputs[t] for t in self.tasks],
-                                        features, head_inputs, inv_scale, read_with_gram=stacked)
+                                        features, head_inputs, inv_scale, read_with_gram=stacked,
+                                        max_norm=self.cfg.train.grad_clip if clip_in_balancer else None)
             values = dict(zip(logged, self.grad_balancer.last_read.tolist()))
             # with fp16 the scaler finds non-finite gradients itself (and lowers its scale)
             skipped = not math.isfinite(values["total"]) or (
                 not self.scaler.is_enabled() and not self.grad_balancer.last_gram_finite)
+            if clip_in_balancer and self.grad_balancer.last_grad_norm is not None:
+                skipped = skipped or not math.isfinite(self.grad_balancer.last_grad_norm)
         stop = values.pop("stop", 0.0) > 0 or (not self.env.distributed and self._stop_signal is not None)
         self.skipped_samples += int(round(values.pop("skipped_samples", skipped_samples)))
-        if not skipped and self.cfg.train.grad_clip is not None:
+        if not skipped and self.cfg.train.grad_clip is not None and not clip_in_balancer:
             self.scaler.unscale_(self.optimizer)
-            norm = clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)
+            norm = clip_grad_norm(self.trainable_params, self.cfg.train.grad_clip)
             skipped = not self.scaler.is_enabled() and not math.isfinite(float(norm))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)

@@ -105,3 +105,42 @@ def test_rep_level_backward_equals_definition(tmp_path):
     torch.testing.assert_close(w.double(), w_ref, rtol=1e-4, atol=1e-6)
     for p, g in zip(shared, expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6])  # clipping, and a norm already below the limit
+@pytest.mark.parametrize("method", [MGDA, PCGrad])
+def test_param_level_clip_folded_into_the_weights_equals_clip_grad_norm(tmp_path, max_norm, method):
+    """backward(max_norm=c) sets the gradients torch.nn.utils.clip_grad_norm_(params, c) gives after a
+    backward without it, and reports the same total norm (from w^T G w and the heads' norm)."""
+    tasks = ["seg", "depth", "normal"]
+    grads, norms = [], []
+    for clip in (None, max_norm):
+        model, images, targets = _model_and_losses(tmp_path)
+        balancer = GradientBalancer(method(), list(model.shared_parameters()),
+                                    [list(model.task_parameters(t)) for t in tasks],
+                                    generator=torch.Generator().manual_seed(5))
+        out = model(images)
+        balancer.backward(_losses(out, targets), [out[t] for t in tasks], max_norm=clip)
+        if clip is None:
+            norms.append(torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm).item())
+        else:
+            norms.append(balancer.last_grad_norm)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+    for expected, got in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-9)
+    if max_norm < 1:  # it did clip: the result has norm max_norm
+        total = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads[1]]))
+        assert total.item() == pytest.approx(max_norm, rel=1e-4)
+
+
+def test_max_norm_needs_the_param_level(tmp_path):
+    model, images, targets = _model_and_losses(tmp_path)
+    tasks = ["seg", "depth", "normal"]
+    balancer = GradientBalancer(MGDA(), list(model.shared_parameters()),
+                                [list(model.task_parameters(t)) for t in tasks], level="rep")
+    feats = model.forward_features(images)
+    head_inputs = [f.detach().requires_grad_() for f in feats]
+    out = model.forward_heads(head_inputs, images.shape[-2:])
+    with pytest.raises(ValueError, match="max_norm needs level='param'"):
+        balancer.backward(_losses(out, targets), [out[t] for t in tasks], feats, head_inputs, max_norm=1.0)

@@ -139,3 +139,19 @@ def test_clip_grad_norm_equals_torch(max_norm):
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(params[:3], ours))
     after = torch.linalg.vector_norm(torch.cat([q.grad.reshape(-1) for q in ours]))
     torch.testing.assert_close(after, torch.clamp(expected, max=max_norm), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("balancer", [[], ["balancer.name=mgda"], ["balancer.name=mgda", "balancer.level=rep"]])
+def test_train_step_after_eval_trains_in_training_mode(tmp_path, balancer):
+    """The step puts a model left in eval mode (by an evaluation or by hand) back into training mode
+    (BatchNorm batch statistics), and with a gradient method it is the same step as from training mode."""
+    def one_step(eval_first):
+        trainer = Trainer(tiny_config(tmp_path, balancer), console=False, progress=False)
+        if eval_first:
+            trainer.evaluate()
+            trainer.model.eval()
+        trainer.train_step(next(iter(trainer.train_loader)))
+        assert all(m.training for m in trainer.model.modules())
+        return _params(trainer.model)
+
+    assert all(torch.equal(p, q) for p, q in zip(one_step(False), one_step(True)))
