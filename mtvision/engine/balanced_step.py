@@ -89,8 +89,8 @@ class GradientBalancer:
         self._head_grads: Optional[list[Tensor]] = None
         self._combined: Optional[list[Tensor]] = None  # the op's output: contiguous, dims in memory order
         self._combined_grads: Optional[list[Tensor]] = None  # the same storage as the parameters' .grad
-        self.last_weights: Optional[Tensor] = None  # [T] on the parameters' device
-        self.last_weights_host: Optional[Tensor] = None  # the same [T], float64 on the host
+        self.last_weights: Optional[Tensor] = None  # [T] on the device: what the gradients were combined with
+        self.last_weights_host: Optional[Tensor] = None  # the method's [T], float64 on the host (before clipping)
         self.last_gram: Optional[Tensor] = None
         self.last_gram_host: Optional[Tensor] = None  # float64, unscaled, summed across processes
         self.last_gram_finite: bool = True
@@ -163,8 +163,10 @@ class GradientBalancer:
                     g = torch.empty_like(p).copy_(g)
                 p.grad = g
 
-    def _weights(self, buffers: Sequence[Tensor], inv_scale: Optional[float],
-                 sum_across_processes: bool = False, read_with_gram: Optional[Tensor] = None) -> Tensor:
+    def _solve_on_host(self, buffers: Sequence[Tensor], inv_scale: Optional[float],
+                       sum_across_processes: bool = False, reads: Sequence[Tensor] = ()) -> list[Tensor]:
+        """The method's weights from the Gramian of ``buffers``, solved on the host
+        (``self.last_weights_host``, float64); returns ``reads`` brought to the host (float64, flat)."""
         gram = gram_matrix(buffers)
         if sum_across_processes and self._world_size() > 1:
             # feature gradients of different samples are different coordinates: the global Gramian
@@ -177,15 +179,13 @@ class GradientBalancer:
         # The T x T problem is solved on the host: one copy of T^2 numbers each way per step, instead of
         # the hundreds of tiny kernel launches an iterative solver makes on a GPU (measured on an H100:
         # MGDA / CAGrad / UPGrad steps 1.5-2.4x the passes they need when solved on the device). The
-        # caller's small tensor (the trainer's logged losses) comes back in the same copy, so the
-        # step's first wait for the device is also its only one before the update.
+        # caller's small tensors (the trainer's logged losses, the heads' gradient norm) come back in
+        # the same copy, so the step's first wait for the device is also its only one.
         T = gram.shape[0]
-        packed = gram.detach().reshape(-1).to(torch.float64)
-        if read_with_gram is not None:
-            packed = torch.cat([packed, read_with_gram.detach().reshape(-1).to(torch.float64)])
-        packed = packed.cpu()
-        gram_host = packed[: T * T].view(T, T)
-        self.last_read = packed[T * T:] if read_with_gram is not None else None
+        parts = [gram.detach().reshape(-1), *(r.detach().reshape(-1) for r in reads)]
+        packed = torch.cat([x.to(torch.float64) for x in parts]).cpu()
+        gram_host, *host_reads = torch.split(packed, [x.numel() for x in parts])
+        gram_host = gram_host.view(T, T)
         self.last_gram_host = gram_host
         self.last_gram_finite = bool(torch.isfinite(gram_host).all())
         if self.last_gram_finite:
@@ -193,7 +193,10 @@ class GradientBalancer:
         else:  # the caller skips this step; no solver sees a NaN
             w = torch.zeros(T, dtype=torch.float64)
         self.last_weights_host = w
-        self.last_weights = w.to(gram.device, torch.float32, non_blocking=True)
+        return host_reads
+
+    def _to_device(self, w_host: Tensor) -> Tensor:
+        self.last_weights = w_host.to(self.last_gram.device, torch.float32, non_blocking=True)
         return self.last_weights
 
     def _clip_factor(self, head_grads: Sequence[Tensor], head_norm: float, max_norm: float) -> float:
@@ -211,7 +214,8 @@ class GradientBalancer:
     def backward(self, losses: Tensor, outputs: Sequence[Tensor], features: Optional[Sequence[Tensor]] = None,
                  head_inputs: Optional[Sequence[Tensor]] = None, inv_scale: Optional[float] = None,
                  read_with_gram: Optional[Tensor] = None, max_norm: Optional[float] = None) -> Tensor:
-        """Sets ``.grad`` of every shared and task parameter; returns the task weights ``[T]``.
+        """Sets ``.grad`` of every shared and task parameter; returns the weights ``[T]`` (on the device) the
+        shared gradients were combined with: the method's, times the clip factor when ``max_norm`` clips.
 
         ``losses``: the per-task losses ``[T]`` (graph alive; scaled under fp16); ``outputs``: each
         task's prediction, in the same order (task t's loss depends on ``outputs[t]`` only). At the
@@ -241,22 +245,18 @@ class GradientBalancer:
                 for p, g in zip(heads, self._head_grads):
                     p.grad = g
             head_grads = [p.grad for p in heads]
-            to_read = read_with_gram
+            reads = [] if read_with_gram is None else [read_with_gram]
             if max_norm is not None:  # the heads' norm comes to the host with the Gramian
-                head_norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(head_grads)))
+                reads.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(head_grads)))
                              if head_grads else buffers[0].new_zeros(()))
-                to_read = head_norm.reshape(1) if to_read is None else torch.cat(
-                    [to_read.detach().reshape(-1).to(head_norm.dtype), head_norm.reshape(1)])
-            w = self._weights(buffers, inv_scale, read_with_gram=to_read)
-            if max_norm is not None:
-                head_norm_host = float(self.last_read[-1])
-                self.last_read = self.last_read[:-1] if read_with_gram is not None else None
+            host_reads = self._solve_on_host(buffers, inv_scale, reads=reads)
+            self.last_read = host_reads[0] if read_with_gram is not None else None
+            w_host = self.last_weights_host
+            if self.last_gram_finite and max_norm is not None:
+                w_host = w_host * self._clip_factor(head_grads, float(host_reads[-1]), max_norm)
+            w = self._to_device(w_host)
             if not self.last_gram_finite:
                 return w
-            if max_norm is not None:
-                factor = self._clip_factor(head_grads, head_norm_host, max_norm)
-                if factor < 1.0:
-                    w = (self.last_weights_host * factor).to(w.device, w.dtype, non_blocking=True)
             weighted_sum(buffers, w, out=self._combined)
             for p, g in zip(self.shared, self._combined_grads):
                 p.grad = g
@@ -266,7 +266,10 @@ class GradientBalancer:
         T = losses.shape[0]
         buffers = [f.new_empty((T, *f.shape)) for f in head_inputs]
         self._per_task_grads(losses, outputs, head_inputs, [[buf[t] for buf in buffers] for t in range(T)])
-        w = self._weights(buffers, inv_scale, sum_across_processes=True, read_with_gram=read_with_gram)
+        host_reads = self._solve_on_host(buffers, inv_scale, sum_across_processes=True,
+                                         reads=[] if read_with_gram is None else [read_with_gram])
+        self.last_read = host_reads[0] if read_with_gram is not None else None
+        w = self._to_device(self.last_weights_host)
         if not self.last_gram_finite:
             return w
         torch.autograd.backward(list(features), weighted_sum(buffers, w))
