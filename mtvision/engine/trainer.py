@@ -436,6 +436,22 @@ class Trainer:
             return None
         return save_checkpoint(state, self.work_dir / "checkpoints" / f"{name}.pth")
 
+    def _load_optimizer_state(self, saved: dict) -> None:
+        """The optimizer's state and hyperparameters from a checkpoint, keeping this run's choice of
+        implementation (``optimizer.fused``): torch would take the checkpoint's, so a checkpoint of a
+        run without the fused update would resume without it. The step counters go where the
+        implementation keeps them (on the parameters' device for the fused update, else on the host)."""
+        keys = ("fused", "foreach", "capturable")
+        chosen = [{k: g[k] for k in keys if k in g} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved)
+        for group, how in zip(self.optimizer.param_groups, chosen):
+            group.update(how)
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            for p in group["params"]:
+                step = self.optimizer.state.get(p, {}).get("step")
+                if torch.is_tensor(step):
+                    self.optimizer.state[p]["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
+
     def resume(self, path) -> None:
         """Continue from checkpoint ``path`` exactly where it stopped (see the class docstring).
 
@@ -456,7 +472,7 @@ class Trainer:
             raise CheckpointError(f"{path} was trained on tasks {saved.get('data', {}).get('tasks')}, "
                                   f"this config has {self.tasks}")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])

@@ -109,6 +109,29 @@ def test_resume_refuses_another_experiment(tmp_path):
         other.resume(tmp_path / "nowhere.pth")
 
 
+@pytest.mark.parametrize("saved_fused,resumed_fused", [(False, True), (True, False)])
+def test_resume_keeps_this_runs_optimizer_implementation(tmp_path, saved_fused, resumed_fused):
+    """optimizer.fused of the resuming config wins over the checkpoint's (torch would restore the
+    checkpoint's); the moments and step counters carry over, and the resumed run steps on."""
+    constant = "schedule.name=constant"  # (a cosine schedule of 3 iterations ends at lr 0)
+    t = _trainer(tmp_path, "a", ["train.max_iters=3", constant, f"optimizer.fused={str(saved_fused).lower()}"])
+    t.train()
+    saved = torch.load(tmp_path / "a" / "checkpoints" / "last.pth", weights_only=True)["optimizer"]["state"]
+    resumed = _trainer(tmp_path, "b", [constant, f"optimizer.fused={str(resumed_fused).lower()}"])
+    resumed.resume(tmp_path / "a" / "checkpoints" / "last.pth")
+    assert all(bool(g["fused"]) is resumed_fused for g in resumed.optimizer.param_groups)
+    state = resumed.optimizer.state_dict()["state"]
+    assert state.keys() == saved.keys()
+    for i in saved:
+        assert float(state[i]["step"]) == 3 and state[i]["step"].dtype == torch.float32
+        assert torch.equal(state[i]["exp_avg"], saved[i]["exp_avg"])
+        assert torch.equal(state[i]["exp_avg_sq"], saved[i]["exp_avg_sq"])
+    before = [p.detach().clone() for p in resumed.model.parameters()]
+    assert resumed.train_step(next(iter(resumed.train_loader)))["skipped"] == 0
+    assert all(float(s["step"]) == 4 for s in resumed.optimizer.state.values())
+    assert not all(torch.equal(p, q) for p, q in zip(before, resumed.model.parameters()))
+
+
 def test_too_many_non_finite_steps_in_a_row_stop_with_a_clear_error(tmp_path):
     t = _trainer(tmp_path, "nan", ["train.max_consecutive_skips=3"])
     before = [p.detach().clone() for p in t.model.parameters()]
