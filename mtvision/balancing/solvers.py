@@ -289,11 +289,9 @@ def simplex_newton(fun: Callable[[Tensor], Tensor], grad_hess: Callable[[Tensor]
         # Along p (Σp = 0) the simplex ends at t_max; near-flat directions give a huge p, and then
         # the point on the boundary, not the projection of a far-away point, is the candidate.
         t_max = torch.where(p < 0, w / (-p).clamp_min(1e-300), float("inf")).amin()
-        ray = w[None] + (torch.clamp(t_max, max=1.0) * ts)[:, None] * p[None]
-        cand = torch.cat([w[None],
-                          ray.clamp_min(0) / ray.clamp_min(0).sum(-1, keepdim=True),
-                          project_simplex(w[None] + ts[:, None] * p[None]),
-                          project_simplex(w[None] - (etas / hs)[:, None] * g[None])], 0)
+        ray = (w[None] + (torch.clamp(t_max, max=1.0) * ts)[:, None] * p[None]).clamp_min(0)
+        steps = torch.cat([ts[:, None] * p[None], -(etas / hs)[:, None] * g[None]], 0)
+        cand = torch.cat([w[None], ray / ray.sum(-1, keepdim=True), project_simplex(w[None] + steps)], 0)
         vals = torch.nan_to_num(fun(cand), nan=float("inf"))
         best = vals.argmin()
         w_prev, w = w, cand.index_select(0, best.reshape(1))[0]
