@@ -144,3 +144,16 @@ def test_max_norm_needs_the_param_level(tmp_path):
     out = model.forward_heads(head_inputs, images.shape[-2:])
     with pytest.raises(ValueError, match="max_norm needs level='param'"):
         balancer.backward(_losses(out, targets), [out[t] for t in tasks], feats, head_inputs, max_norm=1.0)
+
+
+@pytest.mark.parametrize("name,level", [("mgda", "param"), ("cagrad", "param"), ("mgda", "rep")])
+def test_trainer_clips_balanced_gradients_to_grad_clip(tmp_path, name, level):
+    """train.grad_clip bounds the total norm of the gradients the update used, whether the balancer
+    folds the clip into its weights (param level) or the trainer clips after the backward (rep)."""
+    cfg = tiny_config(tmp_path, [f"balancer.name={name}", f"balancer.level={level}", "train.grad_clip=1e-3"])
+    trainer = Trainer(cfg, console=False, progress=False)
+    assert trainer.train_step(next(iter(trainer.train_loader)))["skipped"] == 0
+    total = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in trainer.model.parameters()]))
+    assert total.item() == pytest.approx(1e-3, rel=1e-4)
+    folded = trainer.grad_balancer.last_grad_norm
+    assert (folded is not None and folded > 1e-3) == (level == "param")
