@@ -80,6 +80,7 @@ class GradientBalancer:
         self.aggregator = aggregator
         self.shared = [p for p in shared if p.requires_grad]
         self.task_params = [[p for p in ps if p.requires_grad] for ps in task_params]
+        self._heads = [p for ps in self.task_params for p in ps]
         self.level = level
         self.generator = generator
         self.distributed = distributed
@@ -90,7 +91,7 @@ class GradientBalancer:
         self._combined: Optional[list[Tensor]] = None  # the op's output: contiguous, dims in memory order
         self._combined_grads: Optional[list[Tensor]] = None  # the same storage as the parameters' .grad
         self.last_weights: Optional[Tensor] = None  # [T] on the device: what the gradients were combined with
-        self.last_weights_host: Optional[Tensor] = None  # the method's [T], float64 on the host (before clipping)
+        self.last_weights_host: Optional[Tensor] = None  # the method's [T], float64 on the host, unclipped
         self.last_gram: Optional[Tensor] = None
         self.last_gram_host: Optional[Tensor] = None  # float64, unscaled, summed across processes
         self.last_gram_finite: bool = True
@@ -111,7 +112,7 @@ class GradientBalancer:
         gradient then has the parameter's strides, which fused optimizers need (they read a gradient
         as flat memory in the parameter's order)."""
         if self._buffers is None or self._buffers[0].shape[0] != T:
-            heads = [p for ps in self.task_params for p in ps]
+            heads = self._heads
             sizes = [T * p.numel() for p in self.shared] + [p.numel() for p in heads]
             ref = self.shared[0]
             self._flat = torch.empty(sum(sizes), dtype=ref.dtype, device=ref.device)
@@ -164,9 +165,11 @@ class GradientBalancer:
                 p.grad = g
 
     def _solve_on_host(self, buffers: Sequence[Tensor], inv_scale: Optional[float],
-                       sum_across_processes: bool = False, reads: Sequence[Tensor] = ()) -> list[Tensor]:
+                       sum_across_processes: bool = False, read_with_gram: Optional[Tensor] = None,
+                       extra: Optional[Tensor] = None) -> Optional[float]:
         """The method's weights from the Gramian of ``buffers``, solved on the host
-        (``self.last_weights_host``, float64); returns ``reads`` brought to the host (float64, flat)."""
+        (``self.last_weights_host``, float64). ``read_with_gram`` comes to the host in the same copy
+        (``self.last_read``), and so does the scalar ``extra``, whose value is returned."""
         gram = gram_matrix(buffers)
         if sum_across_processes and self._world_size() > 1:
             # feature gradients of different samples are different coordinates: the global Gramian
@@ -182,10 +185,11 @@ class GradientBalancer:
         # caller's small tensors (the trainer's logged losses, the heads' gradient norm) come back in
         # the same copy, so the step's first wait for the device is also its only one.
         T = gram.shape[0]
-        parts = [gram.detach().reshape(-1), *(r.detach().reshape(-1) for r in reads)]
+        parts = [gram.detach().reshape(-1)] + [x.detach().reshape(-1) for x in (read_with_gram, extra)
+                                                if x is not None]
         packed = torch.cat([x.to(torch.float64) for x in parts]).cpu()
-        gram_host, *host_reads = torch.split(packed, [x.numel() for x in parts])
-        gram_host = gram_host.view(T, T)
+        gram_host = packed[: T * T].view(T, T)
+        self.last_read = None if read_with_gram is None else packed[T * T: T * T + read_with_gram.numel()]
         self.last_gram_host = gram_host
         self.last_gram_finite = bool(torch.isfinite(gram_host).all())
         if self.last_gram_finite:
@@ -193,7 +197,7 @@ class GradientBalancer:
         else:  # the caller skips this step; no solver sees a NaN
             w = torch.zeros(T, dtype=torch.float64)
         self.last_weights_host = w
-        return host_reads
+        return None if extra is None else float(packed[-1])
 
     def _to_device(self, w_host: Tensor) -> Tensor:
         self.last_weights = w_host.to(self.last_gram.device, torch.float32, non_blocking=True)
@@ -238,22 +242,21 @@ class GradientBalancer:
         if self.level == "param":
             buffers = self._param_buffers(losses.shape[0])
             self._per_task_grads(losses, outputs, self.shared, self._rows)
-            heads = [p for ps in self.task_params for p in ps]
+            heads = self._heads
             if self._world_size() > 1:  # heads' gradients into the flat tensor: one all-reduce for all
                 torch._foreach_copy_(self._head_grads, [p.grad for p in heads])
                 self._average_across_processes(self._flat)
                 for p, g in zip(heads, self._head_grads):
                     p.grad = g
-            head_grads = [p.grad for p in heads]
-            reads = [] if read_with_gram is None else [read_with_gram]
-            if max_norm is not None:  # the heads' norm comes to the host with the Gramian
-                reads.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(head_grads)))
-                             if head_grads else buffers[0].new_zeros(()))
-            host_reads = self._solve_on_host(buffers, inv_scale, reads=reads)
-            self.last_read = host_reads[0] if read_with_gram is not None else None
+            head_norm = None
+            if max_norm is not None:  # comes to the host with the Gramian
+                head_norm = buffers[0].new_zeros(()) if not heads else torch.linalg.vector_norm(
+                    torch.stack(torch._foreach_norm([p.grad for p in heads])))
+            head_norm = self._solve_on_host(buffers, inv_scale, read_with_gram=read_with_gram,
+                                            extra=head_norm)
             w_host = self.last_weights_host
             if self.last_gram_finite and max_norm is not None:
-                w_host = w_host * self._clip_factor(head_grads, float(host_reads[-1]), max_norm)
+                w_host = w_host * self._clip_factor([p.grad for p in heads], head_norm, max_norm)
             w = self._to_device(w_host)
             if not self.last_gram_finite:
                 return w
@@ -266,15 +269,13 @@ class GradientBalancer:
         T = losses.shape[0]
         buffers = [f.new_empty((T, *f.shape)) for f in head_inputs]
         self._per_task_grads(losses, outputs, head_inputs, [[buf[t] for buf in buffers] for t in range(T)])
-        host_reads = self._solve_on_host(buffers, inv_scale, sum_across_processes=True,
-                                         reads=[] if read_with_gram is None else [read_with_gram])
-        self.last_read = host_reads[0] if read_with_gram is not None else None
+        self._solve_on_host(buffers, inv_scale, sum_across_processes=True, read_with_gram=read_with_gram)
         w = self._to_device(self.last_weights_host)
         if not self.last_gram_finite:
             return w
         torch.autograd.backward(list(features), weighted_sum(buffers, w))
         if self._world_size() > 1:  # the local batch's share of every parameter's gradient, averaged
-            params = [*self.shared, *(p for ps in self.task_params for p in ps)]
+            params = [*self.shared, *self._heads]
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])
             self._average_across_processes(flat)

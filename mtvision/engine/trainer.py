@@ -450,7 +450,8 @@ class Trainer:
             for p in group["params"]:
                 step = self.optimizer.state.get(p, {}).get("step")
                 if torch.is_tensor(step):
-                    self.optimizer.state[p]["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
+                    self.optimizer.state[p]["step"] = step.to(device=p.device if on_device else "cpu",
+                                                              dtype=torch.float32)
 
     def resume(self, path) -> None:
         """Continue from checkpoint ``path`` exactly where it stopped (see the class docstring).
