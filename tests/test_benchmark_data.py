@@ -1,5 +1,6 @@
 """Smoke tests of `tools/benchmark.py`: the data rows on a tiny shape (the real row is 288x384), the
-interleaved timing and the operator count the step rows use, and the host solve rows."""
+interleaved timing and the operator count the step rows use, the step rows on their small setup, and
+the host solve rows."""
 
 import importlib.util
 import json
@@ -62,3 +63,20 @@ def test_benchmark_solve_rows(tmp_path):
 
     assert len(rows) == 2 * len(AGGREGATORS)
     assert all(r["host_ms"] > 0 and r["shape"] in ("T3", "T10") for r in rows)
+
+
+def test_benchmark_step_rows_on_the_host_bound_setup(tmp_path, monkeypatch):
+    """The step rows run end to end (the host-bound setup only, three methods): each row has its
+    ratios, operator counts, and the issue's limit with whether the ratio is within it."""
+    bench = _load_benchmark("mtv_tool_benchmark5")
+    monkeypatch.setattr(bench, "STEP_SETUPS", [bench.STEP_SETUPS[1]._replace(calls_per_timing=2)])
+    monkeypatch.setattr(bench, "STEP_METHODS", [("ew", "param"), ("mgda", "param"), ("pcgrad", "rep")])
+    out = tmp_path / "rows.json"
+    bench.main(["--only", "step", "--device", "cpu", "--repeats", "2", "--json", str(out)])
+    rows = {r["op"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["train step ew (param)", "train step mgda (param)", "train step pcgrad (rep)"]
+    param, rep = rows["train step mgda (param)"], rows["train step pcgrad (rep)"]
+    assert param["floor_ops"] > 0 and param["step_ops"] > param["floor_ops"] and param["floor_ms"] > 0
+    assert param["limit"] == "ratio_to_floor <= 1.15" and param["within"] == (param["ratio_to_floor"] <= 1.15)
+    assert rep["limit"] == "ratio_to_ew <= 1.3" and rep["within"] == (rep["ratio_to_ew"] <= 1.3)
+    assert "limit" not in rows["train step ew (param)"]

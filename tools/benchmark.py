@@ -11,7 +11,8 @@ The step rows time one training step of the synthetic 3-task model per balancing
 and against the passes the method needs (interleaved rounds, median of per-round ratios), and count
 the operator calls each makes (``step_ops``, ``floor_ops``: the host work a launch-bound GPU step
 waits for); a second setup shrinks the model and images until the host's work per operator call is
-what a step costs, as on a GPU bound by kernel launches, so that regime is measurable on any machine. The solve rows time each gradient method's T x T solve on the host.
+what a step costs, as on a GPU bound by kernel launches, so that regime is measurable on any machine.
+The solve rows time each gradient method's T x T solve on the host.
 The switch rows time one training step per precision / memory-format / compile setting as a ratio to
 fp32. The data rows time NYUv2-size samples per second through the dataset path in one process (one worker).
 """
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -357,13 +359,28 @@ def median_ratio(a, b):
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-# (shape, config overrides): the synthetic model, and a copy so small that the host's work per operator
-# call is all a step costs, as on a GPU step bound by kernel launches (measurable on any machine)
-STEP_SETUPS = [("resnet18 3-task B8 128x160", ["data.batch_size=8"]),
-               ("host-bound: test_resnet, 16-channel FPN and heads, B2 32x32",
-                ["data.batch_size=2", "data.size=[32,32]", "model.backbone.name=test_resnet",
-                 "model.neck.out_channels=16", "model.heads.seg.channels=16", "model.heads.depth.channels=16",
-                 "model.heads.normal.channels=16"])]
+class StepSetup(NamedTuple):
+    """A model and batch the step rows are measured on. ``calls_per_timing``: steps averaged per timing
+    on the CPU (short steps need several; every GPU timing averages 10); ``compare_batched``: also time
+    one ``is_grads_batched`` pass against the T passes."""
+
+    shape: str
+    overrides: tuple[str, ...]
+    calls_per_timing: int = 1
+    compare_batched: bool = False
+
+
+# The synthetic model, and a copy so small that the host's work per operator call is all a step costs,
+# as on a GPU step bound by kernel launches (measurable on any machine).
+STEP_SETUPS = [
+    StepSetup("resnet18 3-task B8 128x160", ("data.batch_size=8",), compare_batched=True),
+    StepSetup("host-bound: test_resnet, 16-channel FPN and heads, B2 32x32",
+              ("data.batch_size=2", "data.size=[32,32]", "model.backbone.name=test_resnet",
+               "model.neck.out_channels=16", "model.heads.seg.channels=16", "model.heads.depth.channels=16",
+               "model.heads.normal.channels=16"), calls_per_timing=10),
+]
+# The issue's limits: a parameter-level step against the passes it needs, a rep-level one against EW.
+STEP_LIMITS = {"param": ("ratio_to_floor", 1.15), "rep": ("ratio_to_ew", 1.3)}
 
 
 def bench_training_step(device, repeats):
@@ -379,16 +396,16 @@ def bench_training_step(device, repeats):
     # a launch-bound GPU step varies by +-15 % from call to call: more rounds there
     rounds = max(3, repeats if device == "cuda" else repeats // 2)
     rows = []
-    for shape, overrides in STEP_SETUPS:
+    for setup in STEP_SETUPS:
         def trainer_for(name, level):
             cfg = load_config(os.path.join(root, "configs/synthetic/mtl_resnet18.yaml"),
-                              base + overrides + [f"balancer.name={name}", f"balancer.level={level}"])
+                              [*base, *setup.overrides, f"balancer.name={name}", f"balancer.level={level}"])
             return Trainer(cfg, console=False, progress=False)
 
+        shape = setup.shape
         ew = trainer_for("ew", "param")
         batch = next(iter(ew.train_loader))
-        # GPU steps and host-bound ones are short: average a few per timing
-        per_round = 10 if device == "cuda" or shape.startswith("host-bound") else 1
+        per_round = 10 if device == "cuda" else setup.calls_per_timing  # GPU steps are short
         for name, level in STEP_METHODS:
             trainer = ew if name == "ew" else trainer_for(name, level)
             fns = {"step": lambda: trainer.train_step(batch), "ew": lambda: ew.train_step(batch)}
@@ -405,13 +422,14 @@ def bench_training_step(device, repeats):
                 row["floor_ms"] = 1e3 * statistics.median(times["floor"])
                 row["ratio_to_floor"] = median_ratio(times["step"], times["floor"])
                 row["floor_ops"] = dispatched_ops(fns["floor"])
-            if name != "ew":  # the limits of the issue that asked for these rows
-                row["limit"] = "floor <= 1.15" if level == "param" else "ew <= 1.3"
-                row["within"] = (row["ratio_to_floor"] <= 1.15) if level == "param" else (row["ratio_to_ew"] <= 1.3)
+            if name != "ew":
+                key, limit = STEP_LIMITS[level]
+                row["limit"] = f"{key} <= {limit}"
+                row["within"] = row[key] <= limit
             rows.append(row)
             if trainer is not ew:
                 del trainer
-        if shape == STEP_SETUPS[0][0]:
+        if setup.compare_batched:
             # How the per-task gradients are taken: T backward passes from the task outputs (what the
             # trainer does) against one vmapped pass over the T losses (autograd's is_grads_batched)
             sequential, batched = per_task_passes(ew, batch)
