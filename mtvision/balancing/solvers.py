@@ -4,8 +4,8 @@ Every solver runs a fixed number of iterations on device tensors (no ``.item()``
 tensor value), so the whole weight computation can be queued behind the backward passes without a
 host synchronisation; only on CPU, where reading a value costs no synchronisation, do the loops stop
 early once converged (same result), and the active-set method takes its steps with Python control
-flow (the trainer solves on the host, where every operator call is time the device waits for). They work in float64 whatever the input dtype (T ≤ ~50, so this costs nothing)
-and accept a positive *semi*-definite matrix: duplicated, collinear and zero task gradients are
+flow (the trainer solves on the host, where every operator call is time the device waits for). They
+work in float64 whatever the input dtype (T ≤ ~50, so this costs nothing) and accept a positive *semi*-definite matrix: duplicated, collinear and zero task gradients are
 handled without a regularisation that would move the solution.
 
 - :func:`nnls_gram` — ``min_{x >= 0} ½ xᵀQx − qᵀx`` (Lawson–Hanson active set, batched right-hand

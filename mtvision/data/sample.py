@@ -133,10 +133,12 @@ class RawDataset(torch.utils.data.Dataset):
         """ConfigError naming ``data.kwargs.<key>`` for a key this dataset does not take."""
         for key in kwargs:
             if key not in cls.config_kwargs:
-                allowed = f"choose from: {', '.join(cls.config_kwargs)}" if cls.config_kwargs else "it takes none"
+                allowed = (f"choose from: {', '.join(cls.config_kwargs)}" if cls.config_kwargs
+                           else "it takes none")
                 from ..config import ConfigError
 
-                raise ConfigError(f"data.kwargs.{key}: unknown option for the {cls.config_name} dataset ({allowed})")
+                raise ConfigError(f"data.kwargs.{key}: unknown option for the {cls.config_name} dataset "
+                                  f"({allowed})")
 
     def __init__(self, transform=None, mean: Sequence[float] = (0.485, 0.456, 0.406),
                  std: Sequence[float] = (0.229, 0.224, 0.225), seed: int = 0, skip_bad: bool = False):

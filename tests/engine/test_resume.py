@@ -114,7 +114,8 @@ def test_resume_keeps_this_runs_optimizer_implementation(tmp_path, saved_fused, 
     """optimizer.fused of the resuming config wins over the checkpoint's (torch would restore the
     checkpoint's); the moments and step counters carry over, and the resumed run steps on."""
     constant = "schedule.name=constant"  # (a cosine schedule of 3 iterations ends at lr 0)
-    t = _trainer(tmp_path, "a", ["train.max_iters=3", constant, f"optimizer.fused={str(saved_fused).lower()}"])
+    t = _trainer(tmp_path, "a",
+                 ["train.max_iters=3", constant, f"optimizer.fused={str(saved_fused).lower()}"])
     t.train()
     saved = torch.load(tmp_path / "a" / "checkpoints" / "last.pth", weights_only=True)["optimizer"]["state"]
     resumed = _trainer(tmp_path, "b", [constant, f"optimizer.fused={str(resumed_fused).lower()}"])

@@ -141,7 +141,8 @@ def test_clip_grad_norm_equals_torch(max_norm):
     torch.testing.assert_close(after, torch.clamp(expected, max=max_norm), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("balancer", [[], ["balancer.name=mgda"], ["balancer.name=mgda", "balancer.level=rep"]])
+@pytest.mark.parametrize("balancer",
+                         [[], ["balancer.name=mgda"], ["balancer.name=mgda", "balancer.level=rep"]])
 def test_train_step_after_eval_trains_in_training_mode(tmp_path, balancer):
     """The step puts a model left in eval mode (by an evaluation or by hand) back into training mode
     (BatchNorm batch statistics), and with a gradient method it is the same step as from training mode."""
