@@ -1,5 +1,6 @@
 # mtvision — the README's commands. `make demo` and `make test` do all the set-up on a fresh machine.
-#   make install   .venv with pinned torch/torchvision, the package (editable) and its C++/CUDA ops
+#   make install   .venv with pinned torch/torchvision, the package (editable, with the test and
+#                  ONNX export extras) and its C++/CUDA ops
 #   make demo      install, then train on the built-in synthetic scenes, evaluate, write pictures
 #   make test      install, then pytest and the C++ tests (ctest)
 #   make bench     tools/benchmark.py (ops and training steps against their baselines)
@@ -28,7 +29,7 @@ $(PY):
 
 $(STAMP): $(PY) setup.py pyproject.toml $(CSRC)
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q --no-build-isolation -e '.[test]'
+	$(PIP) install -q --no-build-isolation -e '.[test,export]'
 	$(PY) -c "import torch, mtvision.ops as o; print('mtvision ops built; CUDA kernels:', o.cuda_kernels_available())"
 	touch $(STAMP)
 

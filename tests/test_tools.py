@@ -1,4 +1,5 @@
-"""The command-line tools: train -> checkpoint -> eval round trip, predict pictures, demo, config errors."""
+"""The command-line tools: train -> checkpoint -> eval round trip, predict pictures, ONNX export, demo,
+config errors."""
 
 import importlib.util
 import json
@@ -73,6 +74,28 @@ def test_eval_with_a_checkpoint_of_another_model_fails_cleanly(trained, capsys):
                              "model.neck.out_channels=8"])
     assert rc == 2
     assert "does not match the model" in capsys.readouterr().err
+
+
+def test_export_onnx_writes_a_file_onnxruntime_agrees_with(trained, tmp_path, capsys):
+    config, work = trained
+    out = tmp_path / "onnx" / "tiny.onnx"
+    rc = _tool("export_onnx").main([str(config), "--checkpoint", str(work / "checkpoints" / "last.pth"),
+                                    "--out", str(out), "--dynamic-size"])
+    assert rc == 0 and out.is_file()
+    printed = capsys.readouterr().out
+    assert "outputs seg, depth, normal" in printed and "input image [B, 3, H, W]" in printed
+    # checked at the traced size (batch 2) and at another size
+    assert "matches PyTorch at input (2, 3, 32, 48)" in printed
+    assert "matches PyTorch at input (1, 3, 48, 49)" in printed
+
+
+def test_export_onnx_without_the_checkpoint_fails_cleanly(trained, tmp_path, capsys):
+    config, _ = trained
+    rc = _tool("export_onnx").main([str(config), "--checkpoint", str(tmp_path / "missing.pth"),
+                                    "--out", str(tmp_path / "m.onnx")])
+    assert rc == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.parametrize("override, message", [
