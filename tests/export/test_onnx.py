@@ -123,12 +123,16 @@ def test_dilated_backbone_with_deeplab_heads_exports(tmp_path):
     assert list(diffs) == ["seg", "depth"]
 
 
-def test_vit_sizes_must_be_multiples_of_the_patch(tmp_path):
-    model = tiny_model(backbone={"name": "vit_tiny_patch16_224", "pretrained": None})
+def test_vit_exports_with_sizes_in_multiples_of_the_patch(tmp_path):
+    model = tiny_model(backbone={"name": "vit_tiny_patch16_224", "pretrained": None, "out_indices": [2]})
     assert size_multiple(model) == 16
     with pytest.raises(ExportError, match="multiples of 16"):
         export_onnx(model, tmp_path / "vit.onnx", (40, 48))
     assert not (tmp_path / "vit.onnx").exists()
+    path = export_onnx(model, tmp_path / "vit.onnx", (32, 48), dynamic_size=True)
+    assert read_onnx_metadata(path)["size_multiple"] == 16
+    for shape in [(2, 3, 32, 48), (1, 3, 64, 32)]:
+        check_onnx(path, model, torch.randn(*shape, generator=torch.Generator().manual_seed(3)))
 
 
 def test_missing_onnx_packages_name_the_extra(tmp_path, monkeypatch):
