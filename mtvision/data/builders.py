@@ -6,6 +6,7 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError, DataConfig
 from .cityscapes import Cityscapes
+from .coco import CocoDetection
 from .custom import FolderDataset
 from .nyuv2 import NYUv2
 from .synthetic import SyntheticScenes
@@ -18,6 +19,7 @@ DATASETS: dict[str, type[Dataset]] = {
     "nyuv2": NYUv2,
     "custom": FolderDataset,
     "cityscapes": Cityscapes,
+    "coco": CocoDetection,
 }
 
 #: The synthetic validation set is drawn with ``seed + VAL_SEED_OFFSET``, the training set with ``seed``,

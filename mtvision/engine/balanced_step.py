@@ -53,9 +53,9 @@ def _layout_views(flat: Tensor, like: Tensor, rows: Optional[int] = None) -> tup
     if not like.permute(order).is_contiguous():
         order = list(range(like.dim()))
     lead = [] if rows is None else [rows]
-    dense = flat.view(*lead, *(like.shape[d] for d in order))
+    dense = flat.view((*lead, *(like.shape[d] for d in order)))  # tuples: a 0-dim parameter has no sizes
     inverse = sorted(range(like.dim()), key=lambda d: order[d])
-    return dense, dense.permute(*range(len(lead)), *(len(lead) + i for i in inverse))
+    return dense, dense.permute((*range(len(lead)), *(len(lead) + i for i in inverse)))
 
 
 class GradientBalancer:

@@ -217,27 +217,37 @@ def build_task_balancer(cfg, model, tasks: list[str]):
                             generator=generator)
 
 
-def check_tasks(cfg) -> list[str]:
-    """The training tasks ``cfg.data.tasks``, checked against the loss and the model's heads.
+#: Head names (``model.heads.det.name``) that predict boxes for the ``det`` task.
+DETECTION_HEADS = ("fcos",)
 
-    ConfigError when a task has no dense loss, when ``data.tasks`` and ``model.heads`` name different
-    tasks, or when the ``seg`` head's ``num_classes`` differs from ``data.num_classes``.
+
+def check_tasks(cfg) -> list[str]:
+    """The training tasks ``cfg.data.tasks``, checked against the losses and the model's heads.
+
+    ConfigError when a task has no loss, when ``data.tasks`` and ``model.heads`` name different tasks,
+    when the ``det`` head is not a detection head, or when the ``seg`` or ``det`` head's ``num_classes``
+    differs from ``data.num_classes`` (detection labels are the dataset's class ids, as segmentation's).
     """
-    from ..losses import DENSE_TASKS
+    from ..losses import DETECTION_TASK, TASKS
 
     tasks = list(cfg.data.tasks)
     for t in tasks:
-        if t not in DENSE_TASKS:
-            raise ConfigError(f"data.tasks: unknown task {t!r} (dense tasks: {', '.join(DENSE_TASKS)})")
+        if t not in TASKS:
+            raise ConfigError(f"data.tasks: unknown task {t!r} (tasks: {', '.join(TASKS)})")
     if len(set(tasks)) != len(tasks):
         raise ConfigError(f"data.tasks: duplicate task in {tasks}")
     heads = cfg.model.heads or {}
     if set(heads) != set(tasks):
         raise ConfigError(f"data.tasks {tasks} and model.heads {list(heads)} must name the same tasks")
-    seg = heads.get("seg")
-    if isinstance(seg, dict) and "num_classes" in seg and seg["num_classes"] != cfg.data.num_classes:
-        raise ConfigError(f"model.heads.seg.num_classes ({seg['num_classes']}) differs from data.num_classes "
-                          f"({cfg.data.num_classes})")
+    det = heads.get(DETECTION_TASK)
+    if isinstance(det, dict) and det.get("name") not in DETECTION_HEADS:
+        raise ConfigError(f"model.heads.det.name: the det task needs a detection head "
+                          f"({', '.join(DETECTION_HEADS)}), got {det.get('name')!r}")
+    for t in ("seg", DETECTION_TASK):
+        head = heads.get(t)
+        if isinstance(head, dict) and "num_classes" in head and head["num_classes"] != cfg.data.num_classes:
+            raise ConfigError(f"model.heads.{t}.num_classes ({head['num_classes']}) differs from "
+                              f"data.num_classes ({cfg.data.num_classes})")
     for t in cfg.loss.weights:
         if t not in tasks:
             raise ConfigError(f"loss.weights.{t}: no such task (data.tasks: {', '.join(tasks)})")

@@ -10,22 +10,26 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..evaluation import HIGHER_IS_BETTER, DepthMetric, NormalMetric, SegmentationMetric
+from ..evaluation import HIGHER_IS_BETTER, DepthMetric, DetectionMetric, NormalMetric, SegmentationMetric
 
 __all__ = ["PRIMARY_METRICS", "build_metrics", "evaluate", "evaluate_model", "primary_score",
            "scalar_metrics"]
 
 #: The metric each task is judged by when picking ``best.pth`` (see ``primary_score``).
-PRIMARY_METRICS = {"seg": "seg/mIoU", "depth": "depth/abs_err", "normal": "normal/mean"}
+PRIMARY_METRICS = {"seg": "seg/mIoU", "depth": "depth/abs_err", "normal": "normal/mean", "det": "det/AP"}
+
+#: ``(raw output [B, ...], image_size) -> per image {"boxes", "scores", "labels"}``: a detection head's decoding.
+DetectionDecoder = Callable[[Tensor, Sequence[int]], list]
 
 
 def build_metrics(tasks: Sequence[str], num_classes: int, ignore_index: int = 255) -> dict:
     """One metric object per task: ``seg`` SegmentationMetric, ``depth`` DepthMetric, ``normal``
-    NormalMetric."""
+    NormalMetric, ``det`` DetectionMetric (COCO box AP)."""
     table = {
         "seg": lambda: SegmentationMetric(num_classes, ignore_index),
         "depth": DepthMetric,
         "normal": NormalMetric,
+        "det": lambda: DetectionMetric(num_classes),
     }
     unknown = [t for t in tasks if t not in table]
     if unknown:
@@ -36,7 +40,7 @@ def build_metrics(tasks: Sequence[str], num_classes: int, ignore_index: int = 25
 def _flat(task: str, values: Mapping, class_names: Optional[Sequence[str]]) -> dict[str, float]:
     out = {}
     for k, v in values.items():
-        if isinstance(v, (list, tuple)):  # per-class IoU -> "seg/IoU/<class>"
+        if isinstance(v, (list, tuple)):  # per-class IoU / AP -> "seg/IoU/<class>", "det/classAP/<class>"
             names = class_names if class_names and len(class_names) == len(v) else range(len(v))
             out.update({f"{task}/{k}/{n}": float(x) for n, x in zip(names, v)})
         else:
@@ -48,24 +52,38 @@ def _flat(task: str, values: Mapping, class_names: Optional[Sequence[str]]) -> d
 def evaluate(predict: Callable[[Tensor], Mapping[str, Tensor]], loader: Iterable[dict], tasks: Sequence[str],
              num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu",
              class_names: Optional[Sequence[str]] = None,
-             on_batch: Optional[Callable[[dict, Mapping[str, Tensor]], None]] = None) -> dict[str, float]:
+             on_batch: Optional[Callable[[dict, Mapping[str, Tensor]], None]] = None,
+             decode_detections: Optional[DetectionDecoder] = None) -> dict[str, float]:
     """Run ``predict(images [B,3,H,W]) -> {task: prediction}`` over ``loader`` and return flat metrics.
 
     Keys: ``seg/mIoU``, ``seg/pixAcc`` and per-class ``seg/IoU/<name>`` (percent; segmentation is scored on
     ``argmax`` of the logits), ``depth/abs_err``, ``depth/rel_err``, ``depth/rmse``, ``depth/log10``,
     ``depth/delta1..3``, ``normal/mean``, ``normal/median``, ``normal/rmse`` (degrees),
-    ``normal/within_11.25|22.5|30`` — for the ``tasks`` given. Pooled over every pixel of the set.
+    ``normal/within_11.25|22.5|30``, ``det/AP``, ``det/AP50``, ``det/AP75``, ``det/APs|APm|APl`` and
+    per-class ``det/classAP/<name>`` (COCO box AP, percent) — for the ``tasks`` given. Dense metrics are
+    pooled over every pixel of the set, detection over every image. The ``det`` prediction is decoded into
+    boxes by ``decode_detections(output, image_size)`` (default:
+    :func:`mtvision.models.heads.decode_detections` with its default thresholds) and scored against the
+    batch's ``boxes`` / ``labels``.
     ``on_batch(batch, outputs)``, if given, sees every batch with the raw predictions (e.g. to write them
     out: ``tools/eval.py --cityscapes-export``).
     """
     metrics = build_metrics(tasks, num_classes, ignore_index)
     device = torch.device(device)
+    if decode_detections is None:
+        from ..models.heads import decode_detections as default_decoder
+
+        decode_detections = default_decoder
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         out = predict(images)
         if on_batch is not None:
             on_batch(batch, out)
         for task, metric in metrics.items():
+            if task == "det":
+                metric.update(decode_detections(out[task], images.shape[-2:]),
+                              [{"boxes": b, "labels": lab} for b, lab in zip(batch["boxes"], batch["labels"])])
+                continue
             pred = out[task].float()
             target = batch[task].to(device, non_blocking=True)
             if task == "seg":
@@ -73,7 +91,7 @@ def evaluate(predict: Callable[[Tensor], Mapping[str, Tensor]], loader: Iterable
             metric.update(pred, target)
     flat: dict[str, float] = {}
     for task, metric in metrics.items():
-        flat.update(_flat(task, metric.compute(), class_names if task == "seg" else None))
+        flat.update(_flat(task, metric.compute(), class_names if task in ("seg", "det") else None))
     return flat
 
 
@@ -83,7 +101,8 @@ def evaluate_model(model: nn.Module, loader: Iterable[dict], tasks: Sequence[str
                    class_names: Optional[Sequence[str]] = None,
                    on_batch: Optional[Callable[[dict, Mapping[str, Tensor]], None]] = None
                    ) -> dict[str, float]:
-    """``evaluate`` of ``model`` in eval mode (restoring its mode after), optionally under ``autocast()``."""
+    """``evaluate`` of ``model`` in eval mode (restoring its mode after), optionally under ``autocast()``;
+    detections are decoded with the ``det`` head's own thresholds (``FCOSHead.predict``)."""
     was_training = model.training
     model.eval()
     ctx = autocast or contextlib.nullcontext
@@ -92,8 +111,11 @@ def evaluate_model(model: nn.Module, loader: Iterable[dict], tasks: Sequence[str
         with ctx():
             return model(images)
 
+    heads = getattr(model, "heads", {})
+    decoder = heads["det"].predict if "det" in tasks and "det" in heads else None
     try:
-        return evaluate(predict, loader, tasks, num_classes, ignore_index, device, class_names, on_batch)
+        return evaluate(predict, loader, tasks, num_classes, ignore_index, device, class_names, on_batch,
+                        decoder)
     finally:
         model.train(was_training)
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..config import Config, config_to_dict, save_config
 from ..data.builders import build_dataset
 from ..balancing import LossWeighting
-from ..losses import DenseMultiTaskLoss
+from ..losses import DETECTION_TASK, TARGET_KEYS, FCOSLoss, MultiTaskLoss
 from ..models import build_model
 from .builders import (
     build_dataloader,
@@ -150,7 +150,11 @@ class Trainer:
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the plain module: its state_dict, parameters and submodules
-        self.loss_fn = DenseMultiTaskLoss(self.tasks, None, cfg.loss.ignore_index).to(self.device)
+        detection = None
+        if DETECTION_TASK in self.tasks:
+            head = self.model.heads[DETECTION_TASK]
+            detection = FCOSLoss(head.num_classes, head.strides)
+        self.loss_fn = MultiTaskLoss(self.tasks, cfg.loss.ignore_index, detection).to(self.device)
         # A LossWeighting module (ew, uw, dwa, ...) or a GradientBalancer (pcgrad, mgda, ...).
         self.balancer = build_task_balancer(cfg, self.model, self.tasks)
         self.grad_balancer = None if isinstance(self.balancer, LossWeighting) else self.balancer
@@ -250,7 +254,16 @@ class Trainer:
             self._pending_skipped_samples += batch["num_skipped"]
 
     def _to_device(self, batch: dict) -> dict[str, Tensor]:
-        out = {t: batch[t].to(self.device, non_blocking=True) for t in self.tasks}
+        out = {}
+        for t in self.tasks:
+            for key in TARGET_KEYS[t]:
+                if key not in batch:
+                    raise KeyError(f"the {t} task needs {key!r} in every batch; the dataset gives "
+                                   f"{sorted(k for k in batch if k != 'meta')}")
+                # box lists stay where the loader put them: the loss checks them there and pads them
+                # into one copy to the device
+                value = batch[key]
+                out[key] = value if isinstance(value, list) else value.to(self.device, non_blocking=True)
         out["image"] = batch["image"].to(self.device, non_blocking=True).contiguous(
             memory_format=self.memory_format)
         return out

@@ -1,13 +1,15 @@
-"""Whole-set evaluation metrics (segmentation, depth, normals) and the multi-task Δm.
+"""Whole-set evaluation metrics (segmentation, depth, normals, detection AP) and the multi-task Δm.
 
 Every metric has ``update(...)``, ``compute() -> dict`` and ``reset()``; its state is additive tensors
-that ``compute()`` sums across processes when torch.distributed is initialised, so results depend
-neither on the batch size nor on the number of processes.
+that ``compute()`` sums across processes when torch.distributed is initialised (``DetectionMetric``,
+whose AP is not additive, gathers its per-image records instead), so results depend neither on the
+batch size nor on the number of processes.
 """
 
 from .delta import (DELTA_M_METRICS, HIGHER_IS_BETTER, delta_m, delta_table, read_baselines, read_metrics,
                     relative_changes)
 from .depth import DepthMetric
+from .detection import DetectionMetric
 from .normals import NormalMetric
 from .segmentation import SegmentationMetric
 
@@ -15,6 +17,7 @@ __all__ = [
     "SegmentationMetric",
     "DepthMetric",
     "NormalMetric",
+    "DetectionMetric",
     "delta_m",
     "relative_changes",
     "HIGHER_IS_BETTER",

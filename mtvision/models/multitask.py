@@ -16,6 +16,7 @@ from .heads import (
     DeepLabNormalHead,
     DeepLabSegmentationHead,
     DepthHead,
+    FCOSHead,
     NormalHead,
     SegmentationHead,
 )
@@ -33,6 +34,7 @@ HEADS: dict[str, type[nn.Module]] = {
     "deeplab_segmentation": DeepLabSegmentationHead,
     "deeplab_depth": DeepLabDepthHead,
     "deeplab_normals": DeepLabNormalHead,
+    "fcos": FCOSHead,
 }
 NECKS: dict[str, type[nn.Module]] = {
     "fpn": FPNNeck,

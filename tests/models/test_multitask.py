@@ -92,7 +92,7 @@ def test_build_from_model_config_dataclass_and_direct_construction():
     direct = MultiTaskModel(model.backbone, model.neck, {"seg": model.heads["seg"]}).eval()
     assert direct(torch.randn(1, 3, 32, 32))["seg"].shape == (1, 6, 32, 32)
     assert set(HEADS) == {"segmentation", "depth", "normals",
-                          "deeplab_segmentation", "deeplab_depth", "deeplab_normals"}
+                          "deeplab_segmentation", "deeplab_depth", "deeplab_normals", "fcos"}
 
 
 def test_pretrained_through_config(tmp_path):

@@ -1,6 +1,8 @@
-"""Task heads: each takes the neck levels and the image size and returns its map at input resolution.
+"""Task heads: each takes the neck levels and the image size. The dense ones return their map at input
+resolution; the detection head (:class:`FCOSHead`, FCOS) its predictions at every point of its levels,
+decoded into boxes by :func:`decode_detections`.
 
-Two families with the same contract (``head(features, image_size) -> [B, C, H, W]``, activation in
+The dense heads come in two families with the same contract (``head(features, image_size) -> [B, C, H, W]``, activation in
 ``activate``): the semantic-FPN heads (:class:`SegmentationHead`, :class:`DepthHead`,
 :class:`NormalHead`) and the DeepLab heads (ASPP, optionally with the DeepLabV3+ decoder;
 :class:`DeepLabSegmentationHead`, :class:`DeepLabDepthHead`, :class:`DeepLabNormalHead`).
@@ -16,6 +18,7 @@ from .deeplab import (
     DeepLabSegmentationHead,
 )
 from .depth import DepthHead
+from .detection import FCOSHead, decode_detections, split_detection_output
 from .normals import NormalHead
 from .segmentation import SegmentationHead
 
@@ -28,6 +31,9 @@ __all__ = [
     "DeepLabNormalHead",
     "DeepLabSegmentationHead",
     "DenseHead",
+    "FCOSHead",
+    "decode_detections",
+    "split_detection_output",
     "DepthHead",
     "NormalHead",
     "SegmentationHead",
