@@ -129,7 +129,7 @@ def _with(path, value):
     [
         (("heads", "seg", "name"), "segmentaton",
          r"^model\.heads\.seg\.name: unknown head 'segmentaton' \(choose from: segmentation, depth, normals, "
-         r"deeplab_segmentation, deeplab_depth, deeplab_normals\)"),
+         r"deeplab_segmentation, deeplab_depth, deeplab_normals, fcos\)"),
         (("heads", "seg", "name"), KeyError, r"^model\.heads\.seg\.name: required"),
         (("heads", "seg", "num_classes"), KeyError, r"^model\.heads\.seg\.num_classes: required"),
         (("heads", "seg", "num_classes"), 0, r"^model\.heads\.seg\.num_classes: .*positive int"),
