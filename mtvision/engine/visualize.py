@@ -1,4 +1,5 @@
-"""Pictures of predictions: fixed segmentation palette, depth colour map, normals as RGB, labelled rows."""
+"""Pictures of predictions: fixed segmentation palette, depth colour map, normals as RGB, boxes drawn on
+the input, labelled rows."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import numpy as np
 from torch import Tensor
 
 __all__ = ["LABEL_HEIGHT", "PALETTE", "colorize_depth", "colorize_normal", "colorize_seg", "denormalize",
-           "labelled_row", "prediction_panels", "write_png",
+           "draw_boxes", "labelled_row", "prediction_panels", "write_png",
            "write_prediction_pngs"]
 
 #: Height in pixels of the caption strip above each panel of ``labelled_row``.
 LABEL_HEIGHT = 14
+#: Detections drawn in the pictures: those scoring at least this.
+DRAW_SCORE_THRESHOLD = 0.3
 
 
 def _palette() -> np.ndarray:
@@ -83,6 +86,24 @@ def colorize_normal(normal) -> np.ndarray:
     return rgb
 
 
+def draw_boxes(rgb: np.ndarray, boxes, labels, scores=None) -> np.ndarray:
+    """A copy of RGB ``uint8 [H,W,3]`` with ``boxes`` ``[N,4]`` (xyxy pixels) outlined in their class's
+    ``PALETTE`` colour, and each ``scores`` value (if given) written at the box's corner."""
+    out = np.ascontiguousarray(rgb).copy()
+    boxes, labels = _np(boxes).reshape(-1, 4), _np(labels).reshape(-1).astype(np.int64)
+    scores = None if scores is None else _np(scores).reshape(-1)
+    h, w = out.shape[:2]
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        colour = tuple(int(c) for c in PALETTE[int(np.clip(labels[i], 0, 255))])
+        p1 = (int(np.clip(round(x1), 0, w - 1)), int(np.clip(round(y1), 0, h - 1)))
+        p2 = (int(np.clip(round(x2) - 1, 0, w - 1)), int(np.clip(round(y2) - 1, 0, h - 1)))
+        cv2.rectangle(out, p1, p2, colour, 1)
+        if scores is not None:
+            cv2.putText(out, f"{scores[i]:.2f}", (p1[0] + 1, min(p1[1] + 8, h - 1)), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.25, colour, 1, cv2.LINE_AA)
+    return out
+
+
 def labelled_row(panels: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
     """Panels of equal size ``[H,W,3]`` side by side, each under a ``LABEL_HEIGHT``-pixel caption;
     returns RGB ``uint8 [LABEL_HEIGHT + H, len(panels) * W, 3]``."""
@@ -104,8 +125,10 @@ def prediction_panels(image: Tensor, outputs: Mapping[str, Tensor], targets: Map
                       mean: Sequence[float], std: Sequence[float]) -> list[tuple[str, np.ndarray]]:
     """Panels for one sample: the input, then per task present in ``outputs`` the prediction and (when
     in ``targets``) the ground truth. ``image [3,H,W]``; ``outputs``/``targets`` per task without the batch
-    dimension (``seg`` logits ``[C,H,W]`` / labels ``[H,W]``, ``depth [1,H,W]``, ``normal [3,H,W]``).
-    Predicted and true depth share the colour range of the true depth."""
+    dimension (``seg`` logits ``[C,H,W]`` / labels ``[H,W]``, ``depth [1,H,W]``, ``normal [3,H,W]``, ``det``
+    decoded ``{"boxes", "scores", "labels"}`` / ``{"boxes", "labels"}``, drawn on the input; detections
+    scoring below ``DRAW_SCORE_THRESHOLD`` are left out). Predicted and true depth share the colour range
+    of the true depth."""
     panels = [("input", denormalize(image, mean, std))]
     if "seg" in outputs:
         panels.append(("seg pred", colorize_seg(outputs["seg"].argmax(0))))
@@ -122,6 +145,13 @@ def prediction_panels(image: Tensor, outputs: Mapping[str, Tensor], targets: Map
         panels.append(("normal pred", colorize_normal(outputs["normal"])))
         if "normal" in targets:
             panels.append(("normal true", colorize_normal(targets["normal"])))
+    if "det" in outputs:
+        rgb, det = panels[0][1], outputs["det"]
+        keep = _np(det["scores"]) >= DRAW_SCORE_THRESHOLD
+        panels.append(("det pred", draw_boxes(rgb, _np(det["boxes"])[keep], _np(det["labels"])[keep],
+                                              _np(det["scores"])[keep])))
+        if "det" in targets:
+            panels.append(("det true", draw_boxes(rgb, targets["det"]["boxes"], targets["det"]["labels"])))
     return panels
 
 
@@ -153,9 +183,16 @@ def write_prediction_pngs(model, dataset, out_dir, num: int, *, mean: Sequence[f
             batch = collate_samples([dataset[i] for i in range(start, min(start + batch_size, num))])
             with torch.no_grad(), ctx():
                 out = model(batch["image"].to(device))
+            detections = None
+            if "det" in out:
+                detections = model.heads["det"].predict(out.pop("det"), batch["image"].shape[-2:])
             for j in range(batch["image"].shape[0]):
                 outputs = {t: v[j].float().cpu() for t, v in out.items()}
                 targets = {t: batch[t][j] for t in outputs if t in batch}
+                if detections is not None:
+                    outputs["det"] = {k: v.cpu() for k, v in detections[j].items()}
+                    if "boxes" in batch:
+                        targets["det"] = {"boxes": batch["boxes"][j], "labels": batch["labels"][j]}
                 row = labelled_row(prediction_panels(batch["image"][j], outputs, targets, mean, std))
                 path = Path(out_dir) / f"{start + j:04d}.png"
                 write_png(path, row)

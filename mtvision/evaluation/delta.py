@@ -21,9 +21,10 @@ __all__ = ["DELTA_M_METRICS", "HIGHER_IS_BETTER", "delta_m", "delta_table", "rea
 
 #: The metrics Δm is taken over when a baseline is a whole metrics file (the NYUv2 / Cityscapes convention
 #: of MTAN, Nash-MTL and FAMO): segmentation mIoU and pixel accuracy, depth absolute and relative error,
-#: normal mean / median angle and the three within-angle percentages — those a baseline reports.
+#: normal mean / median angle and the three within-angle percentages — those a baseline reports; and
+#: for detection its COCO box AP (AP@[.5:.95]).
 DELTA_M_METRICS = ("seg/mIoU", "seg/pixAcc", "depth/abs_err", "depth/rel_err", "normal/mean", "normal/median",
-                   "normal/within_11.25", "normal/within_22.5", "normal/within_30")
+                   "normal/within_11.25", "normal/within_22.5", "normal/within_30", "det/AP")
 
 #: Direction of every scalar metric name the evaluation metrics produce (the last component of a
 #: ``"task/metric"`` key): True where a larger value is better.

@@ -3,8 +3,10 @@
 The exported graph is the model's inference forward: one input ``image`` ``[B, 3, H, W]`` float32 and one
 output per task, named after the task, in the model's task order (with the built-in heads: ``seg``
 logits ``[B, C, H, W]``, ``depth`` ``[B, 1, H, W]`` in metres, ``normal`` ``[B, 3, H, W]`` raw vectors, to
-be normalised to unit length). The batch size is dynamic; the image size is too when asked
-(``dynamic_size``), within what the backbone accepts (a ViT: multiples of its patch size).
+be normalised to unit length, ``det`` FCOS's per-point predictions ``[B, A, C + 8]``, decoded and
+NMS'ed outside the graph by :func:`mtvision.models.heads.decode_detections`). The batch size is
+dynamic; the image size is too when asked (``dynamic_size``), within what the backbone accepts (a
+ViT: multiples of its patch size).
 
 By default the input is normalised as in training (``(rgb - mean) / std``, ``rgb`` in [0, 1]);
 ``raw_input=True`` puts that normalisation into the graph, so the input is RGB in [0, 1]. The file's
@@ -31,6 +33,7 @@ from ..models.heads import (
     DeepLabNormalHead,
     DeepLabSegmentationHead,
     DepthHead,
+    FCOSHead,
     NormalHead,
     SegmentationHead,
 )
@@ -47,6 +50,11 @@ _OUTPUT_MEANING = (
     ((NormalHead, DeepLabNormalHead),
      "surface normals [B, 3, H, W], camera frame (x right, y down, z forward), not unit length: "
      "normalise over dim 1"),
+    ((FCOSHead,),
+     "FCOS predictions before NMS [B, A, num_classes + 8] at every point of the head's levels: class logits, "
+     "distances to the box's left, top, right, bottom edges (pixels), centerness logit, point x, y (pixels), "
+     "stride; score = sqrt(sigmoid(class) * sigmoid(centerness)), box = point -/+ distances, then NMS "
+     "(mtvision.models.heads.decode_detections)"),
 )
 
 
