@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     size_mb = path.stat().st_size / 2**20
     batch = "1" if args.static_batch else "B"
     hw = "H, W" if args.dynamic_size else f"{cfg.data.size[0]}, {cfg.data.size[1]}"
-    print(f"wrote {path} ({size_mb:.1f} MB): input image [{batch}, 3, {hw}], outputs {', '.join(model.tasks)}")
+    print(f"wrote {path} ({size_mb:.1f} MB): input image [{batch}, 3, {hw}], "
+          f"outputs {', '.join(model.tasks)}")
     if args.no_check:
         return 0
     images = check_images(cfg.data.size, size_multiple(model), args.dynamic_size, args.raw_input, mean, std)

@@ -18,7 +18,8 @@ __all__ = ["PRIMARY_METRICS", "build_metrics", "evaluate", "evaluate_model", "pr
 #: The metric each task is judged by when picking ``best.pth`` (see ``primary_score``).
 PRIMARY_METRICS = {"seg": "seg/mIoU", "depth": "depth/abs_err", "normal": "normal/mean", "det": "det/AP"}
 
-#: ``(raw output [B, ...], image_size) -> per image {"boxes", "scores", "labels"}``: a detection head's decoding.
+#: A detection head's decoding: ``(raw output [B, ...], image_size) -> per image
+#: {"boxes", "scores", "labels"}``.
 DetectionDecoder = Callable[[Tensor, Sequence[int]], list]
 
 
@@ -81,8 +82,8 @@ def evaluate(predict: Callable[[Tensor], Mapping[str, Tensor]], loader: Iterable
             on_batch(batch, out)
         for task, metric in metrics.items():
             if task == "det":
-                metric.update(decode_detections(out[task], images.shape[-2:]),
-                              [{"boxes": b, "labels": lab} for b, lab in zip(batch["boxes"], batch["labels"])])
+                targets = [{"boxes": b, "labels": lab} for b, lab in zip(batch["boxes"], batch["labels"])]
+                metric.update(decode_detections(out[task], images.shape[-2:]), targets)
                 continue
             pred = out[task].float()
             target = batch[task].to(device, non_blocking=True)

@@ -43,11 +43,11 @@ def fcos_targets(points: Tensor, strides: Tensor, boxes: Sequence[Tensor], label
 
     ``points [B, A, 2]`` (x, y pixels) and ``strides [B, A]`` from the head's output, ``level_strides``
     the head's strides (finest first); ``boxes[i]`` ``[N_i, 4]`` xyxy pixels and ``labels[i]`` ``[N_i]``
-    per image. No host sync: the ranges come from ``level_strides``, not from the data. A point is a candidate for a box when
-    it lies inside the box and within ``center_radius`` strides of its centre (FCOS's centre sampling),
-    and the box's largest distance from it is in its level's range ``(8 s_prev, 8 s]`` (the finest level
-    from 0, the coarsest without bound: FCOS's 64/128/256/512 for strides 8..64). Of several candidate
-    boxes the smallest one wins.
+    per image. A point is a candidate for a box when it lies inside the box and within ``center_radius``
+    strides of its centre (FCOS's centre sampling), and the box's largest distance from it is in its
+    level's range ``(8 s_prev, 8 s]`` (the finest level from 0, the coarsest without bound: FCOS's
+    64/128/256/512 for strides 8..64). Of several candidate boxes the smallest one wins. No host sync:
+    the ranges come from ``level_strides``, not from the data.
 
     Returns ``labels [B, A]`` (``num_classes`` = background), ``ltrb [B, A, 4]`` distances (pixels) and
     ``centerness [B, A]`` (``sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b))``), for every point.
@@ -116,7 +116,8 @@ class FCOSLoss(nn.Module):
         points, strides = points.detach(), strides.detach()  # constants of the head's layout
         C = logits.shape[-1]
         if C != self.num_classes:
-            raise ValueError(f"FCOSLoss: the head predicts {C} classes, the loss was built for {self.num_classes}")
+            raise ValueError(f"FCOSLoss: the head predicts {C} classes, the loss was built for "
+                             f"{self.num_classes}")
         if len(boxes) != output.shape[0] or len(labels) != output.shape[0]:
             raise ValueError(f"FCOSLoss: {output.shape[0]} images but {len(boxes)} box and {len(labels)} "
                              f"label lists")
@@ -135,12 +136,14 @@ class FCOSLoss(nn.Module):
             dist.all_reduce(norms)
             norms = norms / dist.get_world_size()
         num_pos, ctr_sum = norms[0].clamp_min(1.0), norms[1].clamp_min(1e-6)
-        cls_loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum") / num_pos
+        cls_loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma,
+                                      reduction="sum") / num_pos
         # background points get a unit box as target: finite GIoU, weighted by their zero centerness
         target_ltrb = torch.where(positive[..., None] > 0, target_ltrb, torch.ones_like(target_ltrb))
         pred_boxes = torch.cat([points - dist_pred[..., :2], points + dist_pred[..., 2:]], dim=-1)
         target_boxes = torch.cat([points - target_ltrb[..., :2], points + target_ltrb[..., 2:]], dim=-1)
-        giou = generalized_box_iou_loss(pred_boxes.reshape(-1, 4), target_boxes.reshape(-1, 4), reduction="none")
+        giou = generalized_box_iou_loss(pred_boxes.reshape(-1, 4), target_boxes.reshape(-1, 4),
+                                        reduction="none")
         box_loss = (giou * target_ctr.reshape(-1)).sum() / ctr_sum
         ctr_loss = F.binary_cross_entropy_with_logits(ctr_logit, target_ctr, weight=positive,
                                                       reduction="sum") / num_pos

@@ -18,7 +18,8 @@ DETECTION_TASK = "det"
 #: Every task a model can train, in a fixed order.
 TASKS = (*DENSE_TASKS, DETECTION_TASK)
 #: The batch keys holding each task's targets.
-TARGET_KEYS = {"seg": ("seg",), "depth": ("depth",), "normal": ("normal",), DETECTION_TASK: ("boxes", "labels")}
+TARGET_KEYS = {"seg": ("seg",), "depth": ("depth",), "normal": ("normal",),
+               DETECTION_TASK: ("boxes", "labels")}
 
 
 class MultiTaskLoss(nn.Module):
@@ -37,7 +38,8 @@ class MultiTaskLoss(nn.Module):
         tasks = list(tasks)
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks or len(set(tasks)) != len(tasks):
-            raise ValueError(f"MultiTaskLoss: tasks must be distinct names from {', '.join(TASKS)}, got {tasks}")
+            raise ValueError(f"MultiTaskLoss: tasks must be distinct names from {', '.join(TASKS)}, "
+                             f"got {tasks}")
         if DETECTION_TASK in tasks and detection is None:
             raise ValueError("MultiTaskLoss: the det task needs its detection loss")
         self.tasks = tasks

@@ -46,10 +46,11 @@ def test_training_run_evaluates_coco_ap(tmp_path):
 
 
 def test_config_checks_for_detection(tmp_path):
+    only_det = "data.tasks=[det]"
     with pytest.raises(ConfigError, match=r"model.heads.det.name: the det task needs a detection head \(fcos\)"):
-        check_tasks(tiny_config(tmp_path, ["data.tasks=[det]", "model.heads={det: {name: segmentation}}"]))
-    with pytest.raises(ConfigError, match=r"model.heads.det.num_classes \(3\) differs from data.num_classes \(6\)"):
-        check_tasks(tiny_config(tmp_path, ["data.tasks=[det]", "model.heads={det: {name: fcos, num_classes: 3}}"]))
+        check_tasks(tiny_config(tmp_path, [only_det, "model.heads={det: {name: segmentation}}"]))
+    with pytest.raises(ConfigError, match=r"heads.det.num_classes \(3\) differs from data.num_classes \(6\)"):
+        check_tasks(tiny_config(tmp_path, [only_det, "model.heads={det: {name: fcos, num_classes: 3}}"]))
     with pytest.raises(ConfigError, match=r"unknown task 'box' \(tasks: seg, depth, normal, det\)"):
         check_tasks(tiny_config(tmp_path, ["data.tasks=[box]", "model.heads={box: {name: fcos}}"]))
 
@@ -130,7 +131,8 @@ def test_a_coco_format_dataset_trains_and_evaluates_end_to_end(tmp_path):
     write_coco(root, "val")
     cfg = tiny_config(tmp_path, ["data.dataset=coco", f"data.root={root}", "data.num_classes=3",
                                  "data.tasks=[det]", "data.batch_size=3", "data.size=[64,64]",
-                                 "model.heads={det: {name: fcos, num_classes: 3, channels: 16, num_convs: 1}}",
+                                 "model.heads={det: {name: fcos, num_classes: 3, channels: 16, "
+                                 "num_convs: 1}}",
                                  "train.max_iters=2", "train.eval_interval=2"])
     metrics = Trainer(cfg, console=False, progress=False).train()
     assert {f"det/classAP/{c}" for c in CLASSES} <= set(metrics)

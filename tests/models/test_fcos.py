@@ -174,8 +174,8 @@ def test_loss_without_any_box_is_the_classification_term():
     no_labels = [torch.zeros(0, dtype=torch.long)] * 2
     loss = FCOSLoss(C, [4, 8, 16, 32])(out, empty, no_labels)
     logits = out[..., :C]
-    assert loss.item() == pytest.approx(sigmoid_focal_loss(logits, torch.zeros_like(logits), reduction="sum").item(),
-                                        rel=1e-5)
+    background = sigmoid_focal_loss(logits, torch.zeros_like(logits), reduction="sum")
+    assert loss.item() == pytest.approx(background.item(), rel=1e-5)
 
 
 def test_loss_rejects_bad_targets():
@@ -252,15 +252,17 @@ def test_decoding_boxes_scores_nms_and_clipping():
     out = _output_with(
         points_xy=[[20, 20], [22, 20], [60, 40], [5, 5]],
         dists=[[10, 10, 10, 10], [12, 10, 8, 10], [4, 4, 4, 4], [10, 10, 10, 10]],
-        class_logits=[[big, small, small], [big - 1, small, small], [small, big, small], [small, small, small]],
+        class_logits=[[big, small, small], [big - 1, small, small], [small, big, small],
+                      [small, small, small]],
         ctr_logits=[big, big, 0.0, big])
     det = decode_detections(out, image_size=(48, 64), nms_threshold=0.5)[0]
     # point 1 duplicates point 0 (IoU > 0.5, same class, lower score): suppressed; point 3 is below threshold
     assert det["labels"].tolist() == [0, 1]
-    torch.testing.assert_close(det["boxes"], torch.tensor([[10.0, 10.0, 30.0, 30.0], [56.0, 36.0, 64.0, 44.0]]))
-    expected = math.sqrt(torch.sigmoid(torch.tensor(big)).item() ** 2)
-    assert det["scores"][0].item() == pytest.approx(expected, rel=1e-6)
-    assert det["scores"][1].item() == pytest.approx(math.sqrt(torch.sigmoid(torch.tensor(big)).item() * 0.5), rel=1e-6)
+    torch.testing.assert_close(det["boxes"], torch.tensor([[10.0, 10.0, 30.0, 30.0],
+                                                           [56.0, 36.0, 64.0, 44.0]]))
+    p_big = torch.sigmoid(torch.tensor(big)).item()
+    assert det["scores"][0].item() == pytest.approx(p_big, rel=1e-6)  # sqrt(p * p)
+    assert det["scores"][1].item() == pytest.approx(math.sqrt(p_big * 0.5), rel=1e-6)  # centerness logit 0
     one = decode_detections(out, image_size=(48, 64), max_detections=1)[0]
     assert one["labels"].tolist() == [0]
     unclipped = decode_detections(out)[0]

@@ -2,8 +2,8 @@
 resolution; the detection head (:class:`FCOSHead`, FCOS) its predictions at every point of its levels,
 decoded into boxes by :func:`decode_detections`.
 
-The dense heads come in two families with the same contract (``head(features, image_size) -> [B, C, H, W]``, activation in
-``activate``): the semantic-FPN heads (:class:`SegmentationHead`, :class:`DepthHead`,
+The dense heads come in two families with the same contract (``head(features, image_size) ->
+[B, C, H, W]``, activation in ``activate``): the semantic-FPN heads (:class:`SegmentationHead`, :class:`DepthHead`,
 :class:`NormalHead`) and the DeepLab heads (ASPP, optionally with the DeepLabV3+ decoder;
 :class:`DeepLabSegmentationHead`, :class:`DeepLabDepthHead`, :class:`DeepLabNormalHead`).
 """

@@ -89,10 +89,12 @@ class FCOSHead(nn.Module):
         c_in = used[0]
         self.strides = [strides[i] for i in self.levels]
         self.num_classes = num_classes
-        self.score_threshold, self.nms_threshold, self.max_detections = score_threshold, nms_threshold, max_detections
+        self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
+        self.max_detections = max_detections
 
         def tower() -> nn.Sequential:
-            return nn.Sequential(*[ConvGNReLU(c_in if k == 0 else channels, channels) for k in range(num_convs)])
+            return nn.Sequential(*[ConvGNReLU(c_in if k == 0 else channels, channels)
+                                   for k in range(num_convs)])
 
         self.cls_tower, self.box_tower = tower(), tower()
         width = channels if num_convs else c_in
@@ -129,8 +131,8 @@ class FCOSHead(nn.Module):
                                  self.max_detections)
 
 
-def decode_detections(output: Tensor, image_size: Optional[Sequence[int]] = None, score_threshold: float = 0.05,
-                      nms_threshold: float = 0.6, max_detections: int = 100,
+def decode_detections(output: Tensor, image_size: Optional[Sequence[int]] = None,
+                      score_threshold: float = 0.05, nms_threshold: float = 0.6, max_detections: int = 100,
                       pre_nms_top_k: int = 1000) -> list[dict[str, Tensor]]:
     """FCOS output ``[B, A, C + 8]`` -> per image ``{"boxes" [K,4] xyxy pixels, "scores" [K], "labels" [K]}``.
 
