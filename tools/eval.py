@@ -21,7 +21,6 @@ official result PNG, ``DIR/{city}_{seq}_{frame}_pred.png`` of label ids at the i
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch.distributed as dist
 
 from mtvision.config import ConfigError
 from mtvision.engine import autocast_context, evaluate_model, write_json
-from mtvision.engine.cli import (add_config_arguments, config_from_args, exit_on_user_error,
+from mtvision.engine.cli import (checkpoint_tool_parser, config_from_args, exit_on_user_error,
                                  load_trained_model, val_loader)
 from mtvision.engine.builders import resolve_device
 from mtvision.engine.distributed import dist_env, init_distributed
@@ -76,10 +75,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--checkpoint", required=True, help="a .pth written by tools/train.py")
+    parser = checkpoint_tool_parser(__doc__)
     parser.add_argument("--out", help="write the metrics to this JSON file")
     parser.add_argument("--baselines", nargs="+", metavar="FILE",
                         help="single-task metrics file(s): print Δm against them")

@@ -15,7 +15,6 @@ printed, and the tool exits with status 1 when an output differs by more than 1e
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,7 +25,8 @@ except ImportError:  # a checkout without `pip install -e .`
 
 import torch
 
-from mtvision.engine.cli import add_config_arguments, config_from_args, exit_on_user_error, load_trained_model
+from mtvision.engine.cli import (checkpoint_tool_parser, config_from_args, exit_on_user_error,
+                                 load_trained_model)
 from mtvision.export import ExportError, check_onnx, export_onnx, size_multiple
 
 
@@ -50,11 +50,7 @@ def check_images(size, multiple: int, dynamic_size: bool, raw_input: bool, mean,
 
 @exit_on_user_error
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--checkpoint", required=True, help="a .pth written by tools/train.py")
-    parser.add_argument("--out", required=True, help="the .onnx file to write")
+    parser = checkpoint_tool_parser(__doc__, out_help="the .onnx file to write")
     parser.add_argument("--raw-input", action="store_true",
                         help="the graph takes RGB in [0, 1] and normalises it with data.mean/std")
     parser.add_argument("--dynamic-size", action="store_true", help="symbolic image height and width")

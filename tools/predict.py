@@ -10,7 +10,6 @@ One PNG per validation image (``DIR/0000.png`` ...): a row of the input, predict
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,17 +20,14 @@ except ImportError:  # a checkout without `pip install -e .`
 
 from mtvision.data.builders import build_dataset
 from mtvision.engine import autocast_context
-from mtvision.engine.cli import add_config_arguments, config_from_args, exit_on_user_error, load_trained_model
+from mtvision.engine.cli import (checkpoint_tool_parser, config_from_args, exit_on_user_error,
+                                 load_trained_model)
 from mtvision.engine.visualize import write_prediction_pngs
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--checkpoint", required=True, help="a .pth written by tools/train.py")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser = checkpoint_tool_parser(__doc__, out_help="output folder")
     parser.add_argument("--num", type=int, default=8, help="number of validation images (default 8)")
     args = parser.parse_intermixed_args(argv)
     if args.num < 1:

@@ -14,8 +14,8 @@ from ..config import Config, ConfigError, config_to_dict, load_config
 from .builders import build_dataloader, check_amp, check_tasks, resolve_device
 from .checkpoint import CheckpointError, load_model_weights
 
-__all__ = ["add_config_arguments", "config_from_args", "exit_on_user_error", "load_trained_model",
-           "val_loader"]
+__all__ = ["add_config_arguments", "checkpoint_tool_parser", "config_from_args", "exit_on_user_error",
+           "load_trained_model", "val_loader"]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML, e.g. configs/synthetic/mtl_resnet18.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, value parsed as YAML (e.g. train.max_iters=100)")
+
+
+def checkpoint_tool_parser(doc: str, out_help: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of a tool that reads a trained checkpoint: its docstring's first line as description
+    (the docstring shown in ``--help``), ``CONFIG``, the ``key=value`` overrides, ``--checkpoint`` and,
+    with ``out_help``, a required ``--out``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--checkpoint", required=True, help="a .pth written by tools/train.py")
+    if out_help is not None:
+        parser.add_argument("--out", required=True, help=out_help)
+    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -2,16 +2,15 @@
 
 import math
 import os
-import time
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mtvision.evaluation import HIGHER_IS_BETTER, DetectionMetric
+
+from ..gloo import gloo_process_group, run_two_processes
 
 # pycocotools' precision is tp / (tp + fp + eps) with eps = 2.2e-16, so a perfect AP is 100 - 2e-14.
 EPS = 1e-9
@@ -293,10 +292,7 @@ def test_bad_constructor_arguments(kw):
 # --------------------------------------------------------------------------- distributed
 
 def _worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_process_group(rank, init_file):
         preds, targets = _random_scene(n_images=8, seed=11)
         # uneven shards: rank 0 gets images 0..4 in batches of 2, rank 1 images 5..7 one at a time
         lo, hi, bs = (0, 5, 2) if rank == 0 else (5, 8, 1)
@@ -307,20 +303,11 @@ def _worker(rank, init_file, out_dir):
         second = m.compute()
         torch.save({"first": first, "second": second, "local": m.num_images},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_gloo_processes_match_one_process(tmp_path):
-    ctx = mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail("distributed workers did not finish in 120 s")
+    run_two_processes(_worker, tmp_path)
 
     expected = _run(*_random_scene(n_images=8, seed=11))
     assert 0.0 < expected["AP"] < 100.0

@@ -2,17 +2,16 @@
 
 import math
 import os
-import time
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mtvision.evaluation import DepthMetric, NormalMetric, SegmentationMetric
 from mtvision.evaluation.distributed import all_reduce_sum
+
+from ..gloo import gloo_process_group, run_two_processes
 
 C = 4
 
@@ -41,10 +40,7 @@ def _evaluate(parts, bs):
 
 
 def _worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_process_group(rank, init_file):
         # uneven shards: rank 0 gets images 0..4 in batches of 2, rank 1 images 5..7 one at a time
         shard = slice(0, 5) if rank == 0 else slice(5, 8)
         parts = [(p[shard], t[shard]) for p, t in _data()]
@@ -57,8 +53,6 @@ def _worker(rank, init_file, out_dir):
         )
         torch.save({"first": first, "second": second, "local": local,
                     "summed": [t.tolist() for t in summed]}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _assert_same(a, b, rel=0.0):
@@ -70,14 +64,7 @@ def _assert_same(a, b, rel=0.0):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_gloo_processes_match_one_process(tmp_path):
-    ctx = mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail("distributed workers did not finish in 120 s")
+    run_two_processes(_worker, tmp_path)
 
     expected = [m.compute() for m in _evaluate(_data(), bs=8)]
     full_seg = _evaluate(_data(), bs=8)[0].confusion

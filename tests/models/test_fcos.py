@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
@@ -21,6 +18,8 @@ from mtvision.evaluation import DetectionMetric
 from mtvision.losses import FCOSLoss, fcos_targets
 from mtvision.models import build_model
 from mtvision.models.heads import FCOSHead, decode_detections, split_detection_output
+
+from ..gloo import gloo_process_group, run_two_processes
 
 C = 3
 STRIDES = [8, 16, 32]
@@ -192,18 +191,13 @@ def test_loss_rejects_bad_targets():
 
 
 def _loss_worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_process_group(rank, init_file):
         out, boxes, labels = _global_batch()
         half = slice(0, 1) if rank == 0 else slice(1, 4)  # uneven shares of the global batch
         local = out[half].clone().requires_grad_()
         loss = FCOSLoss(C, [4, 8, 16, 32])(local, boxes[half], labels[half])
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": local.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _global_batch():
@@ -217,14 +211,7 @@ def _global_batch():
 def test_two_processes_give_the_global_batch_gradient(tmp_path):
     """Under DDP (gradients averaged over 2 processes) the normalisers are global: the averaged gradient
     equals the one-process gradient of the loss on the whole batch."""
-    ctx = mp.spawn(_loss_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail("distributed workers did not finish in 120 s")
+    run_two_processes(_loss_worker, tmp_path)
     out, boxes, labels = _global_batch()
     out.requires_grad_()
     FCOSLoss(C, [4, 8, 16, 32])(out, boxes, labels).backward()
