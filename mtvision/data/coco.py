@@ -113,6 +113,14 @@ def _int_field(rec: dict, where: str, key: str, path: Path, required: bool = Tru
     return v
 
 
+def _str_field(rec: dict, where: str, key: str, path: Path) -> str:
+    v = rec.get(key)
+    if not isinstance(v, str) or not v:
+        raise DataError(path, f"{where}.{key}",
+                        "missing" if v is None else f"expected a non-empty string, got {v!r}")
+    return v
+
+
 def _parse(path: Path):
     """The per-image arrays of an annotation file (ascending image id), DataError naming the field."""
     doc = read_json(path, "json")
@@ -127,10 +135,7 @@ def _parse(path: Path):
     cats: dict[int, tuple[int, str]] = {}  # category id -> (index in the file, name)
     for i, c in enumerate(categories):
         cid = _int_field(c, f"categories[{i}]", "id", path)
-        name = c.get("name")
-        if not isinstance(name, str) or not name:
-            raise DataError(path, f"categories[{i}].name", "missing" if name is None
-                            else f"expected a non-empty string, got {name!r}")
+        name = _str_field(c, f"categories[{i}]", "name", path)
         if cid in cats:
             raise DataError(path, f"categories[{i}].id", f"duplicate category id {cid} "
                                                          f"(also categories[{cats[cid][0]}])")
@@ -141,10 +146,7 @@ def _parse(path: Path):
     where_image: dict[int, int] = {}  # image id -> index in the file
     for i, im in enumerate(images):
         iid = _int_field(im, f"images[{i}]", "id", path)
-        name = im.get("file_name")
-        if not isinstance(name, str) or not name:
-            raise DataError(path, f"images[{i}].file_name", "missing" if name is None
-                            else f"expected a non-empty string, got {name!r}")
+        name = _str_field(im, f"images[{i}]", "file_name", path)
         for key in ("height", "width"):
             _int_field(im, f"images[{i}]", key, path, required=False, positive=True)
         if iid in where_image:
