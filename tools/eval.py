@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint on the validation split:
-``python tools/eval.py CONFIG --checkpoint PATH [--out FILE] [--baselines FILE ...] [--cityscapes-export DIR]
-[key=value ...]`` (or under ``torchrun --nproc_per_node=N``: each process evaluates its share, the metrics
+``python tools/eval.py CONFIG --checkpoint PATH [--out FILE] [--baselines FILE ...]
+[--cityscapes-export DIR] [--coco-export FILE] [key=value ...]`` (or under ``torchrun --nproc_per_node=N``: each process evaluates its share, the metrics
 are pooled over the whole set and rank 0 prints and writes them).
 
 Prints a table of every metric and, with ``--out``, writes ``{"checkpoint", "iteration", "metrics"}`` as
@@ -12,6 +12,11 @@ metric's relative change against single-task results: ``metrics.json`` files of 
 ``--out`` files of this tool (their standard Δm metrics: seg mIoU/pixAcc, depth abs/rel err, normal angles),
 or plain JSON objects ``{"seg/mIoU": 53.9, "depth/abs_err": 0.38}`` (every key they list). With ``--out``,
 ``delta_m`` and ``relative_changes`` are written too.
+
+``--coco-export FILE`` (COCO-format datasets with the det task): writes the detections as an official COCO
+results JSON (boxes mapped back to the original images, category ids) and prints the official
+``COCOeval`` numbers against the split's annotation file (crowd regions ignored, the file's areas),
+which ``det/AP`` at ``data.size`` only approximates; with ``--out`` they are written as ``coco_official``.
 
 ``--cityscapes-export DIR`` (19-class Cityscapes configs): writes every validation prediction as an
 official result PNG, ``DIR/{city}_{seq}_{frame}_pred.png`` of label ids at the image's original size
@@ -55,6 +60,15 @@ def check_cityscapes_export(cfg) -> None:
                           f"label-id export)")
 
 
+def check_coco_export(cfg) -> None:
+    """ConfigError unless ``cfg`` evaluates detection on a COCO-format dataset (whose annotation file the
+    official evaluation reads)."""
+    if cfg.data.dataset != "coco":
+        raise ConfigError(f"--coco-export: needs data.dataset=coco, got {cfg.data.dataset!r}")
+    if "det" not in cfg.data.tasks:
+        raise ConfigError(f"--coco-export: needs the det task in data.tasks, got {list(cfg.data.tasks)}")
+
+
 def print_delta(metrics: dict, baselines: dict, source: str) -> dict:
     """Print Δm and the per-metric relative changes; returns ``{"delta_m", "relative_changes"}``."""
     terms = relative_changes(metrics, baselines)
@@ -81,6 +95,9 @@ def _main(argv=None) -> int:
                         help="single-task metrics file(s): print Δm against them")
     parser.add_argument("--cityscapes-export", metavar="DIR",
                         help="write official Cityscapes result PNGs (label ids, full resolution) into DIR")
+    parser.add_argument("--coco-export", metavar="FILE",
+                        help="write the detections as an official COCO results JSON (original image "
+                             "coordinates) and run the official COCO evaluation on it")
     args = parser.parse_intermixed_args(argv)
     cfg = config_from_args(args)
     baselines = None
@@ -91,6 +108,8 @@ def _main(argv=None) -> int:
             raise ConfigError(f"--baselines: {e}") from None
     if args.cityscapes_export:
         check_cityscapes_export(cfg)
+    if args.coco_export:
+        check_coco_export(cfg)
     # under torchrun every process evaluates its share of the set (a single process otherwise)
     init_distributed(resolve_device(cfg.train.device).type)
     model, state, device = load_trained_model(cfg, args.checkpoint)
@@ -101,9 +120,19 @@ def _main(argv=None) -> int:
 
         exporter = CityscapesExporter(args.cityscapes_export, cfg.data.num_classes)
         on_batch = lambda batch, out: exporter.add(out["seg"], batch["meta"])  # noqa: E731
+    coco_exporter = None
+    if args.coco_export:
+        from mtvision.evaluation.coco_export import CocoResultsExporter, official_evaluation
+
+        coco_exporter = CocoResultsExporter(dataset.cat_ids)
+        decode = model.heads["det"].predict
+
+        def on_batch(batch, out):
+            coco_exporter.add(decode(out["det"], batch["image"].shape[-2:]), batch["meta"])
     metrics = evaluate_model(model, loader, list(cfg.data.tasks), cfg.data.num_classes,
                              cfg.loss.ignore_index, device, autocast_context(cfg.train.amp, device),
                              getattr(dataset, "classes", None), on_batch=on_batch)
+    coco_results = coco_exporter.results() if coco_exporter is not None else None  # every process's share
     if not dist_env().is_main:  # under torchrun: the metrics are pooled over all processes; rank 0 reports
         return 0
     title = f"{Path(args.checkpoint).name} (iter {state.get('iteration')})"
@@ -122,6 +151,13 @@ def _main(argv=None) -> int:
               f"evaluation at full resolution: python -m mtvision.evaluation.cityscapes_export "
               f"{cfg.data.root} {args.cityscapes_export}"
               f"{'' if cfg.data.val_split == 'val' else ' --split ' + cfg.data.val_split})")
+    if coco_exporter is not None:
+        coco_exporter.write(args.coco_export, coco_results)
+        official = official_evaluation(dataset.ann_file, coco_results)
+        print(f"\nwrote {len(coco_results)} detections to {args.coco_export}; official COCO evaluation "
+              f"against {dataset.ann_file} (original image coordinates, crowd regions ignored):")
+        print(format_table(list(official), {"official": official}))
+        summary["coco_official"] = official
     if args.out:
         write_json(summary, args.out)
         print(f"wrote {args.out}")
