@@ -149,3 +149,32 @@ def test_sigterm_to_torchrun_stops_every_worker_after_the_same_step_and_saves(tm
     (line,) = [x for x in log.splitlines() if "stopped by SIGTERM" in x]
     stopped_at = torch.load(ckpt, weights_only=True)["iteration"]
     assert f"at iteration {stopped_at};" in line and stopped_at < 2000
+
+
+def test_official_coco_export_identical_with_one_and_two_processes(tmp_path):
+    """--coco-export under torchrun: every process's detections are gathered, so the results file and
+    the official numbers equal one process's."""
+    from ..data.test_coco import write_coco
+    from ..evaluation.test_coco_export import _clean_doc
+
+    root = tmp_path / "coco"
+    for split in ("train", "val"):
+        write_coco(root, split, doc=_clean_doc())
+    cfg = _config(tmp_path, "co", max_iters=2, eval_interval=2, checkpoint_interval=2)
+    overrides = ["data.dataset=coco", f"data.root={root}", "data.num_classes=3", "data.tasks=[det]",
+                 "data.batch_size=2", "data.size=[64,64]",
+                 "model.heads={det: {name: fcos, num_classes: 3, channels: 16, num_convs: 1}}"]
+    _python("train.py", str(cfg), "--no-progress", *overrides)
+    ckpt = tmp_path / "co" / "checkpoints" / "last.pth"
+    runs = {}
+    for n in (1, 2):
+        # one image per process and batch in both runs (data.batch_size is the global batch): the
+        # convolutions then compute every image alike and the scores are equal to the last bit
+        args = [str(cfg), "--checkpoint", str(ckpt), "--coco-export", str(tmp_path / f"r{n}.json"),
+                "--out", str(tmp_path / f"m{n}.json"), *overrides, f"data.batch_size={n}"]
+        _python("eval.py", *args) if n == 1 else _torchrun(2, "eval.py", *args)
+        runs[n] = (json.loads((tmp_path / f"r{n}.json").read_text()),
+                   json.loads((tmp_path / f"m{n}.json").read_text())["coco_official"])
+    key = lambda r: (r["image_id"], r["category_id"], r["score"], r["bbox"])  # noqa: E731
+    assert len(runs[1][0]) > 0 and sorted(runs[1][0], key=key) == sorted(runs[2][0], key=key)
+    assert runs[1][1] == runs[2][1]  # the official numbers (NaN written as null)
