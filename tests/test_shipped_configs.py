@@ -77,3 +77,16 @@ def test_protocol_model_runs_on_a_small_random_input(name):
     expected = {"seg": cfg.data.num_classes, "depth": 1, "normal": 3}
     assert {k: tuple(v.shape) for k, v in out.items()} == {t: (1, expected[t], 64, 64) for t in cfg.data.tasks}
     assert (out["depth"] > 0).all()
+
+
+def test_coco_detection_config_builds_and_needs_data_root():
+    cfg = load_config(ROOT / "coco" / "fcos_resnet50.yaml")
+    assert check_tasks(cfg) == ["det"] and cfg.data.num_classes == 80 and cfg.data.root is None
+    with pytest.raises(ConfigError, match=r"data\.root"):
+        build_dataset(cfg.data, "train", seed=cfg.seed)
+    torch.manual_seed(0)
+    model = build_model(config_to_dict(cfg.model)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96))["det"]
+    assert model.heads["det"].strides == [8, 16, 32]
+    assert out.shape == (1, 8 * 12 + 4 * 6 + 2 * 3, 80 + 8)
