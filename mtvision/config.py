@@ -102,6 +102,9 @@ class DataConfig:
     ``kwargs`` go to the dataset class (e.g. NYUv2's ``eigen_crop``); ``augment`` is used for the training
     split only; ``skip_bad``: a sample that cannot be read (corrupt or missing file, wrong shape, label out
     of range) is skipped and counted instead of stopping the run with an error naming the file.
+    ``keep_ratio`` (datasets read from files): resize every image to the largest size that fits inside
+    ``size`` with its aspect ratio kept, padded at the bottom and right (detection's usual resize),
+    instead of stretching it to ``size``.
     """
 
     dataset: str = "synthetic"
@@ -120,6 +123,7 @@ class DataConfig:
     kwargs: dict[str, Any] = _f({})
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     skip_bad: bool = False
+    keep_ratio: bool = False
 
 
 @dataclass

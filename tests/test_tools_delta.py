@@ -123,6 +123,10 @@ def test_eval_baselines_errors(trained, tmp_path, capsys):
     assert rc == 2 and "'detection/AP' is in baselines but missing from results" in capsys.readouterr().err
     rc = _tool("eval").main([str(config), "--checkpoint", ckpt, "--cityscapes-export", str(tmp_path / "cs")])
     assert rc == 2 and "needs data.dataset=cityscapes" in capsys.readouterr().err
+    rc = _tool("eval").main([str(config), "--checkpoint", ckpt, "--cityscapes-export", str(tmp_path / "cs"),
+                             "data.dataset=cityscapes", "data.num_classes=19", "data.tasks=[seg]",
+                             "data.keep_ratio=true"])
+    assert rc == 2 and "with data.keep_ratio the logits hold padding" in capsys.readouterr().err
 
 
 def test_eval_cityscapes_export_matches_the_official_script(tmp_path, capsys):

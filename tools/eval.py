@@ -54,6 +54,9 @@ def check_cityscapes_export(cfg) -> None:
     if "seg" not in cfg.data.tasks:
         raise ConfigError(f"--cityscapes-export: needs the seg task in data.tasks, "
                           f"got {list(cfg.data.tasks)}")
+    if cfg.data.keep_ratio:
+        raise ConfigError("--cityscapes-export: the result PNGs are the logits resized to the whole image; "
+                          "with data.keep_ratio the logits hold padding: set data.keep_ratio=false")
     if cfg.data.num_classes != 19:
         raise ConfigError(f"--cityscapes-export: the official evaluation scores the 19 train-id classes; "
                           f"data.num_classes is {cfg.data.num_classes} (the 7-category set has no official "

@@ -51,6 +51,9 @@ def build_dataset(data: DataConfig, split: str, seed: int = 0) -> Dataset:
         if data.root is not None:
             raise ConfigError(f"data.root: the synthetic dataset is generated and reads no files; "
                               f"set it to null (got {data.root!r})")
+        if data.keep_ratio:
+            raise ConfigError("data.keep_ratio: the synthetic scenes are rendered at data.size and never "
+                              "resized; set it to false")
         n = len(SyntheticScenes.classes)
         if data.num_classes != n:
             raise ConfigError(f"data.num_classes: the synthetic scenes have {n} classes, "

@@ -6,7 +6,8 @@ through the same geometry, in this order:
 
 1. **resize** to ``size`` (the network input) when the input differs: image bilinear (area when
    shrinking), dense labels nearest neighbour, boxes scaled. Depth values are unchanged: a fixed resize
-   to the network input is not a zoom.
+   to the network input is not a zoom. With ``keep_ratio`` the image is resized to fit inside ``size``
+   with its aspect ratio kept (the largest such size), and step 3 pads it at the bottom and right.
 2. **random scale** ``s ~ U(scale_range)``: everything resized by ``s`` (labels nearest); metric depth is
    divided by ``s`` (MTAN's convention: zooming in by ``s`` = moving ``s`` times closer).
 3. **random crop** to ``crop`` (default ``size``). Where the scaled image is smaller than the crop it is
@@ -182,6 +183,10 @@ class MultiTaskTransform:
         color_jitter: strength ``j`` in ``[0, 1)``: brightness, contrast and saturation factors are drawn
             from ``U(1 - j, 1 + j)``; ``0`` = off.
         ignore_index: the segmentation padding value.
+        keep_ratio: resize to the largest size that fits inside ``size`` with the input's aspect ratio
+            (detection's usual resize) instead of to ``size``; where the (scaled) image is then smaller
+            than the crop it sits at the crop's top left, padded at the bottom and right (no random
+            placement), so an evaluation is deterministic and the padding is where boxes never are.
 
     ``__call__(raw, rng)`` returns a new raw sample (inputs are never modified): ``image`` uint8 stays
     uint8, a float image comes back float32 in [0, 1]; ``seg`` keeps its integer dtype; ``depth`` and
@@ -194,8 +199,9 @@ class MultiTaskTransform:
 
     def __init__(self, size: Sequence[int], hflip: float = 0.0, scale_range: Sequence[float] = (1.0, 1.0),
                  crop: Optional[Sequence[int]] = None, color_jitter: float = 0.0,
-                 ignore_index: int = IGNORE_INDEX):
+                 ignore_index: int = IGNORE_INDEX, keep_ratio: bool = False):
         self.size = _pair(size, "size")
+        self.keep_ratio = bool(keep_ratio)
         self.crop = self.size if crop is None else _pair(crop, "crop")
         lo, hi = (float(x) for x in scale_range)
         if not 0 < lo <= hi:
@@ -211,19 +217,26 @@ class MultiTaskTransform:
 
     def __repr__(self) -> str:
         return (f"MultiTaskTransform(size={self.size}, hflip={self.hflip}, scale_range={self.scale_range}, "
-                f"crop={self.crop}, color_jitter={self.color_jitter}, ignore_index={self.ignore_index})")
+                f"crop={self.crop}, color_jitter={self.color_jitter}, ignore_index={self.ignore_index}, "
+                f"keep_ratio={self.keep_ratio})")
 
     # -- parameters ---------------------------------------------------------------------------------
 
-    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
-        """Every random choice, in a fixed order, from ``rng`` only."""
+    def _draw(self, rng: np.random.Generator, input_size: tuple[int, int]) -> dict[str, Any]:
+        """Every random choice, in a fixed order, from ``rng`` only (the same draws with and without
+        ``keep_ratio``)."""
         (h, w), (ch, cw) = self.size, self.crop
+        if self.keep_ratio:
+            r = min(h / input_size[0], w / input_size[1])
+            h, w = max(1, int(round(input_size[0] * r))), max(1, int(round(input_size[1] * r)))
         lo, hi = self.scale_range
         s = float(rng.uniform(lo, hi)) if hi > lo else lo
         hs, ws = max(1, int(round(h * s))), max(1, int(round(w * s)))
         # The crop lies inside the scaled image, or (where the image is smaller) contains it.
         y0 = int(rng.integers(min(0, hs - ch), max(0, hs - ch) + 1))
         x0 = int(rng.integers(min(0, ws - cw), max(0, ws - cw) + 1))
+        if self.keep_ratio:  # a smaller image sits at the top left, padded at the bottom and right
+            y0, x0 = max(0, y0), max(0, x0)
         flip = bool(rng.random() < self.hflip) if self.hflip > 0 else False
         colour = None
         if self.color_jitter > 0:
@@ -239,7 +252,7 @@ class MultiTaskTransform:
     def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
         image = raw["image"]
         h0, w0 = image.shape[:2]
-        p = self._draw(rng)
+        p = self._draw(rng, (h0, w0))
         s, (hs, ws), flip = p["scale"], p["scaled_size"], p["hflip"]
         x0, y0 = p["crop"][:2]
         ch, cw = self.crop
@@ -329,8 +342,8 @@ def build_transform(data: DataConfig, train: bool) -> MultiTaskTransform:
     """The transform of ``data``: training = resize to ``data.size`` + ``data.augment``; evaluation =
     resize to ``data.size`` only (depth values unchanged)."""
     if not train:
-        return MultiTaskTransform(tuple(data.size), ignore_index=IGNORE_INDEX)
+        return MultiTaskTransform(tuple(data.size), ignore_index=IGNORE_INDEX, keep_ratio=data.keep_ratio)
     a = data.augment
     return MultiTaskTransform(tuple(data.size), hflip=a.hflip, scale_range=tuple(a.scale_range),
                               crop=None if a.crop is None else tuple(a.crop), color_jitter=a.color_jitter,
-                              ignore_index=IGNORE_INDEX)
+                              ignore_index=IGNORE_INDEX, keep_ratio=data.keep_ratio)

@@ -500,3 +500,51 @@ def test_speed_of_the_full_train_transform_is_printed(capsys):
     with capsys.disabled():
         print(f"\n[transforms] full train transform, 288x384 (image+seg+depth+normal+boxes): "
               f"median {1e3 * np.median(wall):.2f} ms/sample wall, {1e3 * np.mean(cpu):.2f} ms CPU")
+
+
+# ---------------------------------------------------------------------------------------------------
+# keep_ratio
+
+
+def test_keep_ratio_fits_the_image_and_pads_bottom_right():
+    # 40 x 100 into 64 x 64: factor 0.64 -> 26 x 64 at the top left, rows 26.. padded
+    raw = rect_raw(40, 100, (10, 5, 60, 35))
+    out = MultiTaskTransform((64, 64), keep_ratio=True)(raw, rng())
+    t = out["meta"]["transform"]
+    assert t["scaled_size"] == (26, 64) and tuple(t["crop"][:2]) == (0, 0)
+    assert out["image"].shape == (64, 64, 3) and out["seg"].shape == (64, 64)
+    assert (out["image"][26:] == 0).all() and (out["seg"][26:] == 255).all()
+    assert (out["depth"][26:] == 0).all() and (out["normal"][26:] == 0).all()
+    assert (out["seg"][:26] != 255).all() and (out["depth"][:26] == 2.0).all()
+    # the factors of the rounded size (64/100 across, 26/40 down): the box stays around the rectangle
+    np.testing.assert_allclose(out["boxes"][0], np.array([10, 5, 60, 35]) * [0.64, 0.65, 0.64, 0.65], atol=1e-5)
+    np.testing.assert_allclose(pixel_box(out["seg"] == 5), out["boxes"][0], atol=1.0)
+    # a tall image pads at the right
+    tall = MultiTaskTransform((64, 64), keep_ratio=True)(rect_raw(100, 40, (5, 10, 35, 60)), rng())
+    assert tall["meta"]["transform"]["scaled_size"] == (64, 26) and (tall["seg"][:, 26:] == 255).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_keep_ratio_with_augmentation_keeps_everything_aligned(seed):
+    """Random scale around 1 and flips: a smaller image stays at the top left, a larger one is cropped at
+    random, and the boxes follow the image both ways (back through ``meta["transform"]``)."""
+    from mtvision.evaluation.coco_export import boxes_to_original
+
+    raw = rect_raw(40, 100, (10, 5, 60, 35))
+    t = MultiTaskTransform((64, 64), hflip=0.5, scale_range=(0.7, 1.5), keep_ratio=True)
+    out = t(raw, rng(seed))
+    p = out["meta"]["transform"]
+    hs, ws = p["scaled_size"]
+    x0, y0 = p["crop"][:2]
+    assert (y0 == 0) if hs <= 64 else (0 <= y0 <= hs - 64)
+    assert (x0 == 0) if ws <= 64 else (0 <= x0 <= ws - 64)
+    if len(out["boxes"]):
+        np.testing.assert_allclose(pixel_box(out["seg"] == 5), out["boxes"][0], atol=1.0)
+        if ws <= 64 and hs <= 64:  # nothing cropped away: the boxes map back exactly
+            np.testing.assert_allclose(boxes_to_original(out["boxes"], p)[0], [10, 5, 60, 35], atol=1e-3)
+
+
+def test_keep_ratio_from_the_config_for_both_splits():
+    data = DataConfig(size=(64, 64), keep_ratio=True, augment=AugmentConfig(hflip=0.5))
+    assert build_transform(data, train=True).keep_ratio and build_transform(data, train=False).keep_ratio
+    assert not build_transform(DataConfig(size=(64, 64)), train=False).keep_ratio

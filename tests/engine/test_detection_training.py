@@ -121,6 +121,13 @@ def test_balancer_with_a_0_dim_shared_parameter():
     torch.testing.assert_close(got, (w_ref.float() @ jac), rtol=1e-5, atol=1e-6)
 
 
+def cfg_overrides(root):
+    """The tiny experiment on the COCO-format fixture at ``root`` (detection only)."""
+    return ["data.dataset=coco", f"data.root={root}", "data.num_classes=3", "data.tasks=[det]",
+            "data.batch_size=3", "data.size=[64,64]",
+            "model.heads={det: {name: fcos, num_classes: 3, channels: 16, num_convs: 1}}"]
+
+
 def test_a_coco_format_dataset_trains_and_evaluates_end_to_end(tmp_path):
     """tools/train.py's path on a dataset in COCO's official format (the data tests' fixture): train,
     evaluate with per-class AP under the dataset's class names."""
@@ -129,11 +136,18 @@ def test_a_coco_format_dataset_trains_and_evaluates_end_to_end(tmp_path):
     root = tmp_path / "coco"
     write_coco(root, "train")
     write_coco(root, "val")
-    cfg = tiny_config(tmp_path, ["data.dataset=coco", f"data.root={root}", "data.num_classes=3",
-                                 "data.tasks=[det]", "data.batch_size=3", "data.size=[64,64]",
-                                 "model.heads={det: {name: fcos, num_classes: 3, channels: 16, "
-                                 "num_convs: 1}}",
-                                 "train.max_iters=2", "train.eval_interval=2"])
+    cfg = tiny_config(tmp_path, [*cfg_overrides(root), "train.max_iters=2", "train.eval_interval=2"])
     metrics = Trainer(cfg, console=False, progress=False).train()
     assert {f"det/classAP/{c}" for c in CLASSES} <= set(metrics)
     assert "det/AP" in metrics and "seg/mIoU" not in metrics
+    # detection's usual resize: aspect ratio kept, padded at the bottom and right
+    keep = Trainer(tiny_config(tmp_path, [*cfg_overrides(root), "data.keep_ratio=true", "train.max_iters=1"]),
+                   console=False, progress=False)
+    sample = keep.val_set[0]
+    assert sample["meta"]["transform"]["scaled_size"] != (64, 64)
+    assert keep.train_step(next(iter(keep.train_loader)))["skipped"] == 0
+
+
+def test_keep_ratio_is_refused_for_the_synthetic_scenes(tmp_path):
+    with pytest.raises(ConfigError, match="data.keep_ratio: the synthetic scenes are rendered at data.size"):
+        Trainer(tiny_config(tmp_path, [*DET, "data.keep_ratio=true"]), console=False, progress=False)
