@@ -1,4 +1,5 @@
-"""``FolderDataset``: your own images with any subset of segmentation, depth and normal label maps.
+"""``FolderDataset``: your own images with any subset of segmentation, depth and normal label maps and
+detection boxes.
 
 Layout (``split`` is ``data.train_split`` / ``data.val_split``)::
 
@@ -11,6 +12,13 @@ Layout (``split`` is ``data.train_split`` / ``data.val_split``)::
                                      camera frame (x right, y down, z forward); 0 in all channels = invalid
                        <stem>.npy    or float [H, W, 3] unit vectors (0 = invalid); .exr the same through
                                      OpenCV when its build reads OpenEXR
+    root/{split}/det/<stem>.txt      boxes, one per line: ``class_id x1 y1 x2 y2`` in the image's pixels
+                                     (x right, y down, pixel edges); an empty file = no object; blank
+                                     lines and ``#`` comments ignored
+
+Class ids (segmentation and detection alike) are ``0 .. num_classes - 1``. A box may reach at most one
+pixel past the image (it is clipped there); one further out, or with ``x2 <= x1`` / ``y2 <= y1``, is a
+``DataError`` naming the file and the line.
 
 Only the label folders of the requested tasks are read; a requested task without its folder is a
 ``ConfigError``; an image without its label file is a ``DataError`` naming the expected path.
@@ -22,15 +30,17 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+
 from ..config import ConfigError
 from .dense_io import DEPTH_EXTS, NORMAL_EXTS, check_shape, read_depth, read_normal, seg_from_array
 from .io import read_image, read_label_png
 from .sample import DataError, RawDataset
 
-__all__ = ["FolderDataset", "IMAGE_EXTS"]
+__all__ = ["FolderDataset", "IMAGE_EXTS", "read_box_file"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-_TASK_EXTS = {"seg": (".png",), "depth": DEPTH_EXTS, "normal": NORMAL_EXTS}
+_TASK_EXTS = {"seg": (".png",), "depth": DEPTH_EXTS, "normal": NORMAL_EXTS, "det": (".txt",)}
 
 
 def _index_folder(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
@@ -45,6 +55,38 @@ def _index_folder(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
             if stem not in found or rank < found[stem][0]:
                 found[stem] = (rank, Path(entry.path))
     return {stem: p for stem, (_, p) in found.items()}
+
+
+def read_box_file(path: Path, size: tuple[int, int], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``boxes`` float32 ``[N, 4]`` and ``labels`` int64 ``[N]`` from a ``det/<stem>.txt`` file (module doc),
+    clipped to the image ``size = (H, W)``; DataError naming the file and the line."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(path, "det", f"cannot read the box file ({e})") from e
+    h, w = size
+    boxes, labels = [], []
+    for n, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        try:
+            if len(fields) != 5:
+                raise ValueError
+            cls, coords = int(fields[0]), [float(v) for v in fields[1:]]
+        except ValueError:
+            raise DataError(path, f"det line {n}", f"expected 'class_id x1 y1 x2 y2', got {line!r}") from None
+        x1, y1, x2, y2 = coords
+        if not 0 <= cls < num_classes:
+            raise DataError(path, f"det line {n}", f"class id {cls} outside [0, {num_classes})")
+        if not all(np.isfinite(coords)) or x2 <= x1 or y2 <= y1:
+            raise DataError(path, f"det line {n}", f"expected x1 < x2 and y1 < y2, got {coords}")
+        if x1 < -1 or y1 < -1 or x2 > w + 1 or y2 > h + 1:
+            raise DataError(path, f"det line {n}", f"box {coords} lies outside the {w}x{h} image")
+        boxes.append([min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h)])
+        labels.append(cls)
+    return np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64)
 
 
 def read_class_names(path: Path) -> tuple[str, ...]:
@@ -65,13 +107,13 @@ class FolderDataset(RawDataset):
     Args:
         root: dataset folder.
         split: sub-folder (``train``, ``val``, ...).
-        tasks: label maps to load, any of ``seg``, ``depth``, ``normal``.
-        num_classes: number of segmentation classes (default: the lines of ``root/classes.txt``).
+        tasks: labels to load, any of ``seg``, ``depth``, ``normal``, ``det``.
+        num_classes: number of classes of ``seg`` / ``det`` (default: the lines of ``root/classes.txt``).
         depth_scale: a depth PNG's value per metre (1000: millimetres).
         transform, mean, std, seed, skip_bad: see :class:`~mtvision.data.sample.RawDataset`.
     """
 
-    TASKS = ("seg", "depth", "normal")
+    TASKS = ("seg", "depth", "normal", "det")
 
     def __init__(self, root, split: str = "train", tasks: Sequence[str] = ("seg", "depth", "normal"),
                  num_classes: Optional[int] = None, transform=None,
@@ -93,7 +135,7 @@ class FolderDataset(RawDataset):
         classes_txt = self.root / "classes.txt"
         names = read_class_names(classes_txt) if classes_txt.is_file() else None
         if num_classes is None:
-            if names is None and "seg" in self.tasks:
+            if names is None and ("seg" in self.tasks or "det" in self.tasks):
                 raise ConfigError(f"data.num_classes: give the number of classes or list their names in "
                                   f"{classes_txt}")
             num_classes = len(names) if names is not None else 0
@@ -160,6 +202,10 @@ class FolderDataset(RawDataset):
             normal = read_normal(p)
             check_shape(normal, (h, w, 3), p, "normal")
             raw["normal"] = normal
+            files.append(str(p))
+        if "det" in self.tasks:
+            p = self._label_path("det", stem, img_path)
+            raw["boxes"], raw["labels"] = read_box_file(p, (h, w), self.num_classes)
             files.append(str(p))
         raw["meta"] = {"source": str(img_path), "files": files, "size": (h, w), "stem": stem}
         return raw

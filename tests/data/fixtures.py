@@ -171,8 +171,10 @@ def write_nyuv2_mat(root: Path, n: int = 5, size=NYU_SIZE, num_raw_classes: int 
 def write_custom(root: Path, split: str = "train", stems=("a", "b"), size=(5, 7), num_classes: int = 4,
                  tasks=("seg", "depth", "normal"), depth_format: str = "png", normal_format: str = "png",
                  seg_bits: int = 8, depth_scale: float = 1000.0, classes: bool = True) -> dict:
-    """Returns ``{stem: {"image", "seg", "depth", "normal"}}`` with the values the loader must produce
-    (normals from PNG are the quantised ones, within ~0.01 of ``normal``)."""
+    """Returns ``{stem: {"image", "seg", "depth", "normal", "boxes", "labels"}}`` with the values the loader
+    must produce (normals from PNG are the quantised ones, within ~0.01 of ``normal``); with ``det`` in
+    ``tasks`` each image gets two boxes (one reaching half a pixel past the right edge: clipped) in a
+    box file with a comment and a blank line."""
     h, w = size
     root = Path(root)
     base = root / split
@@ -199,7 +201,16 @@ def write_custom(root: Path, split: str = "train", stems=("a", "b"), size=(5, 7)
             else:
                 (base / "normal").mkdir(parents=True, exist_ok=True)
                 np.save(base / "normal" / f"{stem}.npy", normal)
-        out[stem] = {"image": image, "seg": seg, "depth": depth, "normal": normal}
+        boxes = np.array([[0.5, 1.0, 3.0 + k, h - 1.0], [2.0, 0.0, w + 0.5, 2.5]], np.float32)
+        labels = np.array([k % num_classes, (k + 1) % num_classes], np.int64)
+        if "det" in tasks:
+            (base / "det").mkdir(parents=True, exist_ok=True)
+            lines = ["# class x1 y1 x2 y2", ""] + [f"{c} {' '.join(str(float(v)) for v in b)}"
+                                                   for c, b in zip(labels, boxes)]
+            (base / "det" / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+        boxes[:, 2] = np.minimum(boxes[:, 2], w)
+        out[stem] = {"image": image, "seg": seg, "depth": depth, "normal": normal, "boxes": boxes,
+                     "labels": labels}
     if classes:
         (root / "classes.txt").write_text("".join(f"thing{c}\n" for c in range(num_classes)))
     return out

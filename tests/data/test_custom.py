@@ -1,12 +1,14 @@
 """FolderDataset ("custom"): PNG / npy label folders read back exactly; bad files fail naming the file."""
 
+import re
+
 import cv2
 import numpy as np
 import pytest
 import torch
 
 from mtvision.config import ConfigError, DataConfig
-from mtvision.data import DATASETS, FolderDataset, collate_samples
+from mtvision.data import DATASETS, FolderDataset, build_dataset, collate_samples
 from mtvision.data.sample import DataError
 
 from . import fixtures as F
@@ -145,8 +147,41 @@ def test_from_config_and_build_dataset(tmp_path):
     with pytest.raises(ConfigError, match="data.kwargs.depth_scale"):
         FolderDataset.from_config(data, "train", transform=None, seed=0)
     pytest.importorskip("mtvision.data.transforms")
-    from mtvision.data import build_dataset
 
     data.kwargs = {}
     val = build_dataset(data, "val")
     assert isinstance(val, FolderDataset) and len(val) == 1 and val[0]["seg"].shape == (5, 7)
+
+
+def test_box_files_read_back_clipped_with_their_class_ids(tmp_path):
+    written = F.write_custom(tmp_path, "train", stems=("a", "b"), size=(6, 8), tasks=("seg", "det"))
+    ds = FolderDataset(tmp_path, "train", tasks=("seg", "det"), **IDENTITY)
+    for k, stem in enumerate(("a", "b")):
+        raw = ds.read_raw(k)
+        np.testing.assert_array_equal(raw["boxes"], written[stem]["boxes"])
+        assert raw["boxes"][1, 2] == 8.0  # 8.5 clipped to the 8-pixel-wide image
+        assert raw["labels"].tolist() == written[stem]["labels"].tolist()
+        assert raw["meta"]["files"][-1].endswith(f"det/{stem}.txt")
+    (tmp_path / "train" / "det" / "a.txt").write_text("# nothing here\n")
+    empty = ds.read_raw(0)
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+    # through the config: boxes scaled with the image, collated as lists
+    data = DataConfig(dataset="custom", root=str(tmp_path), tasks=["seg", "det"], num_classes=4, size=(12, 16))
+    batch = collate_samples([build_dataset(data, "train")[i] for i in range(2)])
+    assert isinstance(batch["boxes"], list) and batch["seg"].shape == (2, 12, 16)
+    torch.testing.assert_close(batch["boxes"][1], torch.from_numpy(written["b"]["boxes"]) * 2)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("1 2 3 4", r"det line 1: expected 'class_id x1 y1 x2 y2', got '1 2 3 4'"),
+    ("a 0 0 2 2", r"det line 1: expected 'class_id x1 y1 x2 y2'"),
+    ("4 0 0 2 2", r"det line 1: class id 4 outside \[0, 4\)"),
+    ("0 3 0 2 2", r"det line 1: expected x1 < x2 and y1 < y2"),
+    ("0 0 0 9.5 2", r"det line 1: box \[0.0, 0.0, 9.5, 2.0\] lies outside the 8x6 image"),
+])
+def test_bad_box_lines_name_the_file_and_line(tmp_path, line, message):
+    F.write_custom(tmp_path, "train", stems=("a",), size=(6, 8), tasks=("det",))
+    path = tmp_path / "train" / "det" / "a.txt"
+    path.write_text(line + "\n")
+    with pytest.raises(DataError, match=re.escape(str(path)) + ": " + message):
+        FolderDataset(tmp_path, "train", tasks=("det",)).read_raw(0)

@@ -151,3 +151,19 @@ def test_a_coco_format_dataset_trains_and_evaluates_end_to_end(tmp_path):
 def test_keep_ratio_is_refused_for_the_synthetic_scenes(tmp_path):
     with pytest.raises(ConfigError, match="data.keep_ratio: the synthetic scenes are rendered at data.size"):
         Trainer(tiny_config(tmp_path, [*DET, "data.keep_ratio=true"]), console=False, progress=False)
+
+
+def test_own_folders_with_segmentation_and_boxes_train_together(tmp_path):
+    """The custom folder layout with seg label maps and det box files: both heads train and are scored."""
+    from ..data.fixtures import write_custom
+
+    root = tmp_path / "mine"
+    for split in ("train", "val"):
+        write_custom(root, split, stems=("a", "b", "c", "d"), size=(6, 8), tasks=("seg", "det"))
+    cfg = tiny_config(tmp_path, ["data.dataset=custom", f"data.root={root}", "data.num_classes=4",
+                                 "data.tasks=[seg,det]", "data.batch_size=2", "data.size=[64,64]",
+                                 "model.heads={seg: {name: segmentation, num_classes: 4, channels: 16}, "
+                                 "det: {name: fcos, num_classes: 4, channels: 16, num_convs: 1}}",
+                                 "train.max_iters=2", "train.eval_interval=2"])
+    metrics = Trainer(cfg, console=False, progress=False).train()
+    assert {"seg/mIoU", "det/AP", "det/classAP/thing0"} <= set(metrics)
