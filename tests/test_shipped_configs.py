@@ -88,5 +88,5 @@ def test_coco_detection_config_builds_and_needs_data_root():
     model = build_model(config_to_dict(cfg.model)).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 96))["det"]
-    assert model.heads["det"].strides == [8, 16, 32]
-    assert out.shape == (1, 8 * 12 + 4 * 6 + 2 * 3, 80 + 8)
+    assert model.heads["det"].strides == [8, 16, 32, 64, 128]  # FCOS's P3-P7
+    assert out.shape == (1, 8 * 12 + 4 * 6 + 2 * 3 + 1 * 2 + 1 * 1, 80 + 8)

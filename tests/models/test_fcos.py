@@ -287,3 +287,20 @@ def test_tiny_model_learns_the_boxes_of_a_few_scenes():
     assert result["AP50"] > 50.0
     best = [float(box_iou(d["boxes"], t).max()) for d, t in zip(dets, batch["boxes"]) if len(t)]
     assert min(best) > 0.5
+
+
+def test_extra_levels_give_fcos_p3_to_p7():
+    head = FCOSHead(16, [4, 8, 16, 32], 3, channels=8, num_convs=1, extra_levels=2)
+    assert head.strides == [8, 16, 32, 64, 128] and len(head.scales) == 5
+    feats = [torch.randn(1, 16, 256 // s, 320 // s) for s in (4, 8, 16, 32)]
+    out = head(feats, (256, 320))
+    sizes = [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]  # a stride-2 conv rounds up
+    assert out.shape == (1, sum(h * w for h, w in sizes), 3 + 8)
+    _, _, _, points, strides = split_detection_output(out)
+    assert strides[0, -6:].eq(128).all() and points[0, -1].tolist() == [320.0, 192.0]
+    # the P6/P7 convs learn: a box only the coarsest level may take gives them a gradient
+    big = [torch.tensor([[0.0, 0.0, 320.0, 256.0]])]
+    FCOSLoss(3, head.strides)(out, big, [torch.tensor([1])]).backward()
+    assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in head.extra)
+    with pytest.raises(ValueError, match="extra_levels"):
+        FCOSHead(16, STRIDES, 3, extra_levels=-1)

@@ -65,12 +65,17 @@ class FCOSHead(nn.Module):
         channels: tower width.
         num_convs: conv blocks per tower.
         min_stride: levels finer than this are not used (FCOS starts at stride 8).
+        extra_levels: coarser levels made by the head from the coarsest one, each a 3x3 conv of stride 2
+            (the first on that level, the next on the ReLU of the previous; torchvision's and FCOS's
+            P6/P7): 2 gives FCOS's P3-P7 on an FPN with levels up to stride 32. They are the head's own
+            parameters, since the dense heads have no use for them.
         prior_prob: initial foreground probability of the class logits (focal-loss initialisation).
         score_threshold, nms_threshold, max_detections: :meth:`predict`'s decoding.
     """
 
     def __init__(self, in_channels: Union[int, Sequence[int]], strides: Sequence[int], num_classes: int,
-                 channels: int = 128, num_convs: int = 4, min_stride: int = 8, prior_prob: float = 0.01,
+                 channels: int = 128, num_convs: int = 4, min_stride: int = 8, extra_levels: int = 0,
+                 prior_prob: float = 0.01,
                  score_threshold: float = 0.05, nms_threshold: float = 0.6, max_detections: int = 100):
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -79,6 +84,8 @@ class FCOSHead(nn.Module):
             raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob!r}")
         if num_convs < 0:
             raise ValueError(f"num_convs must be >= 0, got {num_convs!r}")
+        if not isinstance(extra_levels, int) or isinstance(extra_levels, bool) or extra_levels < 0:
+            raise ValueError(f"extra_levels must be an int >= 0, got {extra_levels!r}")
         in_channels, strides = _check_levels(in_channels, strides)
         self.levels = [i for i, s in enumerate(strides) if s >= min_stride]
         if not self.levels:
@@ -88,6 +95,11 @@ class FCOSHead(nn.Module):
             raise ValueError(f"in_channels must be equal on the levels used (shared towers), got {used}")
         c_in = used[0]
         self.strides = [strides[i] for i in self.levels]
+        self.extra = nn.ModuleList(nn.Conv2d(c_in, c_in, 3, stride=2, padding=1) for _ in range(extra_levels))
+        for conv in self.extra:
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.zeros_(conv.bias)
+        self.strides += [self.strides[-1] * 2 ** (k + 1) for k in range(extra_levels)]
         self.num_classes = num_classes
         self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
         self.max_detections = max_detections
@@ -101,16 +113,18 @@ class FCOSHead(nn.Module):
         self.cls_logits = nn.Conv2d(width, num_classes, 3, padding=1)
         self.box_pred = nn.Conv2d(width, 4, 3, padding=1)
         self.centerness = nn.Conv2d(width, 1, 3, padding=1)
-        self.scales = nn.ModuleList(_Scale() for _ in self.levels)
+        self.scales = nn.ModuleList(_Scale() for _ in self.strides)
         for conv in (self.cls_logits, self.box_pred, self.centerness):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1.0 - prior_prob) / prior_prob))
 
     def forward(self, features: Sequence[Tensor], image_size: Sequence[int]) -> Tensor:
+        levels = [features[i] for i in self.levels]
+        for k, conv in enumerate(self.extra):
+            levels.append(conv(levels[-1] if k == 0 else F.relu(levels[-1])))
         outs = []
-        for level, (i, stride) in enumerate(zip(self.levels, self.strides)):
-            x = features[i]
+        for level, (x, stride) in enumerate(zip(levels, self.strides)):
             b, _, h, w = x.shape
             cls_feat, box_feat = self.cls_tower(x), self.box_tower(x)
             # float32 whatever the autocast: pixel coordinates in bfloat16 would be off by up to 8 pixels
