@@ -128,10 +128,9 @@ def _main(argv=None) -> int:
         from mtvision.evaluation.coco_export import CocoResultsExporter, official_evaluation
 
         coco_exporter = CocoResultsExporter(dataset.cat_ids)
-        decode = model.heads["det"].predict
 
-        def on_batch(batch, out):
-            coco_exporter.add(decode(out["det"], batch["image"].shape[-2:]), batch["meta"])
+        def on_batch(batch, out):  # out["det"]: the boxes the metric scores, decoded once for both
+            coco_exporter.add(out["det"], batch["meta"])
     metrics = evaluate_model(model, loader, list(cfg.data.tasks), cfg.data.num_classes,
                              cfg.loss.ignore_index, device, autocast_context(cfg.train.amp, device),
                              getattr(dataset, "classes", None), on_batch=on_batch)

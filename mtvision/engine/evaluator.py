@@ -66,8 +66,10 @@ def evaluate(predict: Callable[[Tensor], Mapping[str, Tensor]], loader: Iterable
     boxes by ``decode_detections(output, image_size)`` (default:
     :func:`mtvision.models.heads.decode_detections` with its default thresholds) and scored against the
     batch's ``boxes`` / ``labels``.
-    ``on_batch(batch, outputs)``, if given, sees every batch with the raw predictions (e.g. to write them
-    out: ``tools/eval.py --cityscapes-export``).
+    ``on_batch(batch, outputs)``, if given, sees every batch with the predictions the metrics score: the
+    dense tasks' raw maps and the ``det`` task's decoded boxes (per image ``{"boxes", "scores",
+    "labels"}``), e.g. to write them out (``tools/eval.py --cityscapes-export`` / ``--coco-export``);
+    the boxes are decoded once, for both.
     """
     metrics = build_metrics(tasks, num_classes, ignore_index)
     device = torch.device(device)
@@ -78,12 +80,14 @@ def evaluate(predict: Callable[[Tensor], Mapping[str, Tensor]], loader: Iterable
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         out = predict(images)
+        if "det" in metrics:
+            out = {**out, "det": decode_detections(out["det"], images.shape[-2:])}
         if on_batch is not None:
             on_batch(batch, out)
         for task, metric in metrics.items():
             if task == "det":
                 targets = [{"boxes": b, "labels": lab} for b, lab in zip(batch["boxes"], batch["labels"])]
-                metric.update(decode_detections(out[task], images.shape[-2:]), targets)
+                metric.update(out[task], targets)
                 continue
             pred = out[task].float()
             target = batch[task].to(device, non_blocking=True)
