@@ -28,34 +28,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..models.heads import (
-    DeepLabDepthHead,
-    DeepLabNormalHead,
-    DeepLabSegmentationHead,
-    DepthHead,
-    FCOSHead,
-    NormalHead,
-    SegmentationHead,
-)
-
 __all__ = ["ExportError", "InferenceGraph", "export_onnx", "check_onnx", "read_onnx_metadata", "onnx_outputs",
            "size_multiple", "INPUT_NAME"]
 
 INPUT_NAME = "image"
-# What each built-in head's output is, for the file's metadata (other heads: their class name).
-_OUTPUT_MEANING = (
-    ((SegmentationHead, DeepLabSegmentationHead),
-     "segmentation logits [B, num_classes, H, W]; argmax over dim 1"),
-    ((DepthHead, DeepLabDepthHead), "depth [B, 1, H, W] in metres, positive"),
-    ((NormalHead, DeepLabNormalHead),
-     "surface normals [B, 3, H, W], camera frame (x right, y down, z forward), not unit length: "
-     "normalise over dim 1"),
-    ((FCOSHead,),
-     "FCOS predictions before NMS [B, A, num_classes + 8] at every point of the head's levels: class logits, "
-     "distances to the box's left, top, right, bottom edges (pixels), centerness logit, point x, y (pixels), "
-     "stride; score = sqrt(sigmoid(class) * sigmoid(centerness)), box = point -/+ distances, then NMS "
-     "(mtvision.models.heads.decode_detections)"),
-)
 
 
 class ExportError(RuntimeError):
@@ -98,10 +74,8 @@ class InferenceGraph(nn.Module):
 
 
 def _output_meaning(head: nn.Module) -> str:
-    for classes, meaning in _OUTPUT_MEANING:
-        if isinstance(head, classes):
-            return meaning
-    return f"output of {type(head).__name__}"
+    """The head's own ``output_description`` (the built-in heads have one), else its class name."""
+    return getattr(head, "output_description", f"output of {type(head).__name__}")
 
 
 def size_multiple(model: nn.Module) -> int:

@@ -3,9 +3,10 @@ resolution; the detection head (:class:`FCOSHead`, FCOS) its predictions at ever
 decoded into boxes by :func:`decode_detections`.
 
 The dense heads come in two families with the same contract (``head(features, image_size) ->
-[B, C, H, W]``, activation in ``activate``): the semantic-FPN heads (:class:`SegmentationHead`, :class:`DepthHead`,
-:class:`NormalHead`) and the DeepLab heads (ASPP, optionally with the DeepLabV3+ decoder;
-:class:`DeepLabSegmentationHead`, :class:`DeepLabDepthHead`, :class:`DeepLabNormalHead`).
+[B, C, H, W]``, activation in ``activate``): the semantic-FPN heads (:class:`SegmentationHead`,
+:class:`DepthHead`, :class:`NormalHead`) and the DeepLab heads (ASPP, optionally with the DeepLabV3+
+decoder; :class:`DeepLabSegmentationHead`, :class:`DeepLabDepthHead`, :class:`DeepLabNormalHead`).
+Every built-in head says what its output is in ``output_description`` (an exported model's metadata).
 """
 
 from .common import ConvGNReLU, DenseHead, SemanticFPNDecoder

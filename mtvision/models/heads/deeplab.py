@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .common import _check_levels
-from .depth import check_depth_range, depth_activation
+from .depth import DepthHead, check_depth_range, depth_activation
+from .normals import NormalHead
+from .segmentation import SegmentationHead
 
 __all__ = [
     "ASPP",
@@ -219,6 +221,8 @@ class DeepLabSegmentationHead(DeepLabHead):
         dropout: ASPP dropout (0.5).
     """
 
+    output_description = SegmentationHead.output_description
+
     def __init__(self, in_channels: Union[int, Sequence[int]], strides: Sequence[int], num_classes: int,
                  channels: int = 256, atrous_rates: Sequence[int] = (12, 24, 36),
                  low_level_channels: Optional[int] = 48, low_level_stride: int = 4, dropout: float = 0.5):
@@ -238,6 +242,8 @@ class DeepLabDepthHead(DeepLabHead):
         max_depth: optional upper bound in metres (> min_depth).
     """
 
+    output_description = DepthHead.output_description
+
     def __init__(self, in_channels: Union[int, Sequence[int]], strides: Sequence[int], channels: int = 256,
                  atrous_rates: Sequence[int] = (12, 24, 36), low_level_channels: Optional[int] = 48,
                  low_level_stride: int = 4, dropout: float = 0.5, min_depth: float = 1e-3,
@@ -255,6 +261,8 @@ class DeepLabDepthHead(DeepLabHead):
 class DeepLabNormalHead(DeepLabHead):
     """Surface normals ``[B, 3, H, W]``: raw camera-frame vectors (normalised by the loss and the metric,
     not here). Args: as :class:`DeepLabSegmentationHead` without ``num_classes``."""
+
+    output_description = NormalHead.output_description
 
     def __init__(self, in_channels: Union[int, Sequence[int]], strides: Sequence[int], channels: int = 256,
                  atrous_rates: Sequence[int] = (12, 24, 36), low_level_channels: Optional[int] = 48,

@@ -52,6 +52,9 @@ class DepthHead(DenseHead):
         max_depth: optional upper bound in metres (> min_depth).
     """
 
+    #: What the output is, for an exported model's metadata (``mtvision.export``).
+    output_description = "depth [B, 1, H, W] in metres, positive"
+
     def __init__(self, in_channels: Union[int, Sequence[int]], strides: Sequence[int], channels: int = 128,
                  min_depth: float = 1e-3, max_depth: Optional[float] = None):
         min_depth, max_depth = check_depth_range(min_depth, max_depth)

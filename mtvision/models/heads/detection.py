@@ -73,6 +73,13 @@ class FCOSHead(nn.Module):
         score_threshold, nms_threshold, max_detections: :meth:`predict`'s decoding.
     """
 
+    #: What the output is, for an exported model's metadata (``mtvision.export``).
+    output_description = (
+        "FCOS predictions before NMS [B, A, num_classes + 8] at every point of the head's levels: class "
+        "logits, distances to the box's left, top, right, bottom edges (pixels), centerness logit, point x, "
+        "y (pixels), stride; score = sqrt(sigmoid(class) * sigmoid(centerness)), box = point -/+ distances, "
+        "then NMS (mtvision.models.heads.decode_detections)")
+
     def __init__(self, in_channels: Union[int, Sequence[int]], strides: Sequence[int], num_classes: int,
                  channels: int = 128, num_convs: int = 4, min_stride: int = 8, extra_levels: int = 0,
                  prior_prob: float = 0.01,

@@ -21,5 +21,9 @@ class NormalHead(DenseHead):
         channels: decoder width.
     """
 
+    #: What the output is, for an exported model's metadata (``mtvision.export``).
+    output_description = ("surface normals [B, 3, H, W], camera frame (x right, y down, z forward), not unit "
+                          "length: normalise over dim 1")
+
     def __init__(self, in_channels: Union[int, Sequence[int]], strides: Sequence[int], channels: int = 128):
         super().__init__(in_channels, strides, 3, channels=channels)

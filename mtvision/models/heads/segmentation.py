@@ -21,6 +21,9 @@ class SegmentationHead(DenseHead):
         channels: decoder width.
     """
 
+    #: What the output is, for an exported model's metadata (``mtvision.export``).
+    output_description = "segmentation logits [B, num_classes, H, W]; argmax over dim 1"
+
     def __init__(self, in_channels: Union[int, Sequence[int]], strides: Sequence[int], num_classes: int,
                  channels: int = 128):
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
