@@ -217,10 +217,6 @@ def build_task_balancer(cfg, model, tasks: list[str]):
                             generator=generator)
 
 
-#: Head names (``model.heads.det.name``) that predict boxes for the ``det`` task.
-DETECTION_HEADS = ("fcos",)
-
-
 def check_tasks(cfg) -> list[str]:
     """The training tasks ``cfg.data.tasks``, checked against the losses and the model's heads.
 
@@ -229,6 +225,7 @@ def check_tasks(cfg) -> list[str]:
     differs from ``data.num_classes`` (detection labels are the dataset's class ids, as segmentation's).
     """
     from ..losses import DETECTION_TASK, TASKS
+    from ..models import HEADS, FCOSHead
 
     tasks = list(cfg.data.tasks)
     for t in tasks:
@@ -240,9 +237,10 @@ def check_tasks(cfg) -> list[str]:
     if set(heads) != set(tasks):
         raise ConfigError(f"data.tasks {tasks} and model.heads {list(heads)} must name the same tasks")
     det = heads.get(DETECTION_TASK)
-    if isinstance(det, dict) and det.get("name") not in DETECTION_HEADS:
+    if isinstance(det, dict) and det.get("name") in HEADS and not issubclass(HEADS[det["name"]], FCOSHead):
+        detection_heads = [name for name, cls in HEADS.items() if issubclass(cls, FCOSHead)]
         raise ConfigError(f"model.heads.det.name: the det task needs a detection head "
-                          f"({', '.join(DETECTION_HEADS)}), got {det.get('name')!r}")
+                          f"({', '.join(detection_heads)}), got {det['name']!r}")
     for t in ("seg", DETECTION_TASK):
         head = heads.get(t)
         if isinstance(head, dict) and "num_classes" in head and head["num_classes"] != cfg.data.num_classes:
