@@ -42,7 +42,7 @@ ops; its import-time update check (a network request) is switched off.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -50,7 +50,7 @@ import numpy as np
 from ..config import DataConfig
 from .sample import IGNORE_INDEX
 
-__all__ = ["MultiTaskTransform", "build_transform"]
+__all__ = ["MultiTaskTransform", "boxes_to_original", "build_transform"]
 
 # dtypes cv2.remap copies exactly; 64-bit ints (which cv2 would silently cast to int32) are reinterpreted
 # as int32 pairs, anything else goes through numpy indexing.
@@ -336,6 +336,26 @@ class MultiTaskTransform:
         if "labels" in raw:
             out["labels"] = np.asarray(raw["labels"], dtype=np.int64).reshape(-1)[keep]
         return out
+
+
+def boxes_to_original(boxes, transform: Mapping) -> np.ndarray:
+    """Boxes ``[K, 4]`` xyxy in the network input's pixels (numpy or tensor) -> the original image's
+    pixels, inverting the :class:`MultiTaskTransform` recorded in a sample's ``meta["transform"]``
+    (``input_size`` (H0, W0), ``scaled_size``, ``crop`` (x0, y0, x1, y1), ``hflip``), clipped to the
+    original image. Float64 numpy."""
+    if hasattr(boxes, "detach"):  # a tensor
+        boxes = boxes.detach().cpu().numpy()
+    b = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    h0, w0 = (float(v) for v in transform["input_size"])
+    hs, ws = (float(v) for v in transform["scaled_size"])
+    x0, y0, x1, _ = (float(v) for v in transform["crop"])
+    if transform.get("hflip"):
+        b[:, [0, 2]] = (x1 - x0) - b[:, [2, 0]]
+    b += np.array([x0, y0, x0, y0])
+    b *= np.array([w0 / ws, h0 / hs, w0 / ws, h0 / hs])
+    b[:, 0::2] = b[:, 0::2].clip(0.0, w0)
+    b[:, 1::2] = b[:, 1::2].clip(0.0, h0)
+    return b
 
 
 def build_transform(data: DataConfig, train: bool) -> MultiTaskTransform:

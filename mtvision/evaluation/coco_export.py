@@ -6,7 +6,8 @@ kept (crowd regions dropped). The official protocol differs: boxes in the *origi
 coordinates, COCO category ids, crowd annotations kept (a detection matching one is ignored, not a
 false positive) and the annotation file's own ``area`` for the small / medium / large ranges.
 :class:`CocoResultsExporter` maps every decoded detection back through the evaluation transform
-(``meta["transform"]``: resize, scale, crop, flip) to the original image and writes the results list
+(``meta["transform"]``: resize, scale, crop, flip; :func:`mtvision.data.transforms.boxes_to_original`)
+to the original image and writes the results list
 (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``) that COCO's evaluation server and
 ``pycocotools`` take; :func:`official_evaluation` runs ``COCOeval`` on it against the annotation file.
 
@@ -25,35 +26,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..data.transforms import boxes_to_original
 from .distributed import dist_ready
 
-__all__ = ["CocoResultsExporter", "OFFICIAL_KEYS", "boxes_to_original", "official_evaluation"]
+__all__ = ["CocoResultsExporter", "OFFICIAL_KEYS", "official_evaluation"]
 
 #: ``COCOeval.stats`` in order (percent): AP at IoU .50:.95, .50, .75, AP small / medium / large, then
 #: AR with 1, 10, 100 detections per image and AR small / medium / large.
 OFFICIAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def boxes_to_original(boxes, transform: Mapping) -> np.ndarray:
-    """Boxes ``[K, 4]`` xyxy in the network input's pixels -> the original image's pixels, inverting the
-    transform recorded in a sample's ``meta["transform"]`` (``input_size`` (H0, W0), ``scaled_size``,
-    ``crop`` (x0, y0, x1, y1), ``hflip``), clipped to the original image. Float64 numpy."""
-    b = (boxes.detach().cpu().double().numpy() if isinstance(boxes, torch.Tensor)
-         else np.asarray(boxes, dtype=np.float64)).reshape(-1, 4).copy()
-    h0, w0 = (float(v) for v in transform["input_size"])
-    hs, ws = (float(v) for v in transform["scaled_size"])
-    x0, y0, x1, _ = (float(v) for v in transform["crop"])
-    if transform.get("hflip"):
-        b[:, [0, 2]] = (x1 - x0) - b[:, [2, 0]]
-    b += np.array([x0, y0, x0, y0])
-    b *= np.array([w0 / ws, h0 / hs, w0 / ws, h0 / hs])
-    b[:, 0::2] = b[:, 0::2].clip(0.0, w0)
-    b[:, 1::2] = b[:, 1::2].clip(0.0, h0)
-    return b
 
 
 class CocoResultsExporter:

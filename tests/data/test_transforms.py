@@ -10,7 +10,8 @@ import pytest
 
 from mtvision.config import AugmentConfig, DataConfig
 from mtvision.data.sample import RawDataset
-from mtvision.data.transforms import MultiTaskTransform, _NearestMap, build_transform
+from mtvision.data.transforms import (MultiTaskTransform, _NearestMap, boxes_to_original,
+                                      build_transform)
 
 H, W = 48, 64
 
@@ -528,8 +529,6 @@ def test_keep_ratio_fits_the_image_and_pads_bottom_right():
 def test_keep_ratio_with_augmentation_keeps_everything_aligned(seed):
     """Random scale around 1 and flips: a smaller image stays at the top left, a larger one is cropped at
     random, and the boxes follow the image both ways (back through ``meta["transform"]``)."""
-    from mtvision.evaluation.coco_export import boxes_to_original
-
     raw = rect_raw(40, 100, (10, 5, 60, 35))
     t = MultiTaskTransform((64, 64), hflip=0.5, scale_range=(0.7, 1.5), keep_ratio=True)
     out = t(raw, rng(seed))

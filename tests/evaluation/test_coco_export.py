@@ -14,10 +14,9 @@ import torch
 
 from mtvision.config import DataConfig
 from mtvision.data import build_dataset, collate_samples
-from mtvision.data.transforms import MultiTaskTransform
+from mtvision.data.transforms import MultiTaskTransform, boxes_to_original
 from mtvision.evaluation import DetectionMetric
-from mtvision.evaluation.coco_export import (OFFICIAL_KEYS, CocoResultsExporter, boxes_to_original, main,
-                                             official_evaluation)
+from mtvision.evaluation.coco_export import OFFICIAL_KEYS, CocoResultsExporter, main, official_evaluation
 
 from ..data.test_coco import coco_doc, write_coco
 
@@ -91,7 +90,8 @@ def test_perfect_detections_score_100_and_a_box_on_a_crowd_region_is_ignored(tmp
     exporter.add(with_crowd, batch["meta"])
     assert official_evaluation(ann, exporter.results())["AP"] == pytest.approx(100.0, abs=1e-9)
     metric = DetectionMetric(3)
-    metric.update(with_crowd, [{"boxes": b, "labels": lab} for b, lab in zip(batch["boxes"], batch["labels"])])
+    targets = [{"boxes": b, "labels": lab} for b, lab in zip(batch["boxes"], batch["labels"])]
+    metric.update(with_crowd, targets)
     assert metric.compute()["AP"] == pytest.approx(75.0, abs=1e-9)
 
 
