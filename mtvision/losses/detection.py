@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from ..models.heads.detection import split_detection_output
@@ -19,19 +20,15 @@ def _pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor], device) -> t
     """Lists of ``[N_i, 4]`` / ``[N_i]`` -> ``boxes [B, N, 4]``, ``labels [B, N]``, ``valid [B, N]`` on
     ``device`` (N = max N_i, at least 1). Padded where the lists are (the loader's CPU tensors: one copy
     per tensor to the device, not one per image)."""
-    B = len(boxes)
-    n = max([int(b.shape[0]) for b in boxes] + [1])
-    home = boxes[0].device if B else torch.device("cpu")
-    out_boxes = torch.zeros(B, n, 4, device=home)
-    out_labels = torch.zeros(B, n, dtype=torch.long, device=home)
-    valid = torch.zeros(B, n, dtype=torch.bool, device=home)
-    for i, (b, l) in enumerate(zip(boxes, labels)):
-        k = int(b.shape[0])
-        if k:
-            out_boxes[i, :k] = b
-            out_labels[i, :k] = l
-            valid[i, :k] = True
-    return (out_boxes.to(device, non_blocking=True), out_labels.to(device, non_blocking=True),
+    lengths = torch.tensor([int(b.shape[0]) for b in boxes], dtype=torch.long)
+    n = max(int(lengths.max()) if len(boxes) else 0, 1)
+    out_boxes = pad_sequence(list(boxes), batch_first=True)
+    out_labels = pad_sequence(list(labels), batch_first=True)
+    if out_boxes.shape[1] < n:  # every image without a box
+        out_boxes = F.pad(out_boxes, (0, 0, 0, n - out_boxes.shape[1]))
+        out_labels = F.pad(out_labels, (0, n - out_labels.shape[1]))
+    valid = torch.arange(n) < lengths[:, None]
+    return (out_boxes.to(device, torch.float32, non_blocking=True), out_labels.to(device, non_blocking=True),
             valid.to(device, non_blocking=True))
 
 
@@ -125,8 +122,13 @@ class FCOSLoss(nn.Module):
             if b.dim() != 2 or b.shape[-1] != 4 or lab.shape != b.shape[:1]:
                 raise ValueError(f"FCOSLoss: image {i}: boxes must be [N, 4] and labels [N], got "
                                  f"{tuple(b.shape)} and {tuple(lab.shape)}")
-            if lab.device.type == "cpu" and lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= C):
-                raise ValueError(f"FCOSLoss: image {i}: labels must be in [0, {C}), got {lab.tolist()}")
+        # the range check where the labels are on the host (the loader's): one pass over the batch's labels
+        if labels and labels[0].device.type == "cpu":
+            flat = torch.cat([lab.reshape(-1) for lab in labels])
+            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= C):
+                i = next(k for k, lab in enumerate(labels)
+                         if lab.numel() and (lab.min() < 0 or lab.max() >= C))
+                raise ValueError(f"FCOSLoss: image {i}: labels must be in [0, {C}), got {labels[i].tolist()}")
         target_labels, target_ltrb, target_ctr = fcos_targets(points, strides, boxes, labels, C, self.strides,
                                                               self.center_radius)
         positive = (target_labels < C).float()
