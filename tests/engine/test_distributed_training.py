@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +14,13 @@ import pytest
 import torch
 import yaml
 
+from ..multiprocess import torchrun as _torchrun
 from .helpers import TINY, wait_for_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(tmp_path: Path, name: str, det: bool = False, **train) -> Path:
@@ -42,18 +38,6 @@ def _config(tmp_path: Path, name: str, det: bool = False, **train) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def _torchrun(nproc: int, script: str, *args, extra=(), timeout=300, wait=True):
-    # c10d rendezvous (as on a cluster): a restart after a failed worker re-rendezvouses cleanly
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", *extra,
-           str(ROOT / "tools" / script), *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return out
 
 
 def _python(script: str, *args, timeout=300):

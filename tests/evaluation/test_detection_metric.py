@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from mtvision.evaluation import HIGHER_IS_BETTER, DetectionMetric
 
-from ..gloo import gloo_process_group, run_two_processes
+from ..multiprocess import gloo_process_group, run_two_processes
 
 # pycocotools' precision is tp / (tp + fp + eps) with eps = 2.2e-16, so a perfect AP is 100 - 2e-14.
 EPS = 1e-9

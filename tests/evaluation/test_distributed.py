@@ -11,7 +11,7 @@ import torch.distributed as dist
 from mtvision.evaluation import DepthMetric, NormalMetric, SegmentationMetric
 from mtvision.evaluation.distributed import all_reduce_sum
 
-from ..gloo import gloo_process_group, run_two_processes
+from ..multiprocess import gloo_process_group, run_two_processes
 
 C = 4
 

@@ -19,7 +19,7 @@ from mtvision.losses import FCOSLoss, fcos_targets
 from mtvision.models import build_model
 from mtvision.models.heads import FCOSHead, decode_detections, split_detection_output
 
-from ..gloo import gloo_process_group, run_two_processes
+from ..multiprocess import gloo_process_group, run_two_processes
 
 C = 3
 STRIDES = [8, 16, 32]
