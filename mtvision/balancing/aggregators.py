@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from mtvision.balancing import solvers
+from mtvision.ops import gram_matrix, weighted_sum
 
 __all__ = [
     "GradientAggregator",
@@ -39,18 +40,6 @@ __all__ = [
     "UPGrad",
     "AGGREGATORS",
 ]
-
-
-def _ops():
-    """``(gram_matrix, weighted_sum)``: the compiled ops of :mod:`mtvision.ops` when it provides them,
-    else their pure-PyTorch twins in :mod:`mtvision.ops.reference` (same signatures)."""
-    import mtvision.ops as ops
-
-    if hasattr(ops, "gram_matrix") and hasattr(ops, "weighted_sum"):
-        return ops.gram_matrix, ops.weighted_sum
-    from mtvision.ops import reference
-
-    return reference.gram_matrix, reference.weighted_sum
 
 
 def _check_gram(gram: Tensor) -> int:
@@ -86,7 +75,6 @@ class GradientAggregator:
                   generator: torch.Generator | None = None) -> Tensor | list[Tensor]:
         """Aggregated gradient: ``[P]`` for ``grads`` [T,P], or a list of ``[...]`` chunks for a list
         of ``[T,...]`` chunks."""
-        gram_matrix, weighted_sum = _ops()
         if not isinstance(grads, Tensor):
             grads = list(grads)
         w = self.weights(gram_matrix(grads), generator)
