@@ -31,12 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-try:
-    import mtvision  # noqa: F401
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mtvision.ops import fused_dense_loss, gram_matrix, reference, weighted_sum  # noqa: E402
+from mtvision.ops import fused_dense_loss, gram_matrix, reference, weighted_sum
 
 # (name, B, C, H, W): the LibMTL NYUv2 and Cityscapes training shapes
 LOSS_SHAPES = [("nyuv2", 8, 13, 288, 384), ("cityscapes", 8, 19, 256, 512)]
@@ -540,19 +535,15 @@ def bench_data(repeats):
 
     from mtvision.config import AugmentConfig, DataConfig
     from mtvision.data import NYUv2
+    from mtvision.data.transforms import build_transform
 
-    try:
-        from mtvision.data.transforms import build_transform
-    except ImportError:  # transforms not available: time the reading path alone
-        build_transform = None
     name, H, W = DATA_SHAPE
-    variants = [("read + check + tensors", None)]
-    if build_transform is not None:
-        # MTAN's training augmentation (random scale 1..1.5 with crop back, horizontal flip), then colour
-        # jitter on top
-        mtan = AugmentConfig(hflip=0.5, scale_range=(1.0, 1.5))
-        jitter = AugmentConfig(hflip=0.5, scale_range=(1.0, 1.5), color_jitter=0.4)
-        variants += [("+ train transform (scale, crop, flip)", mtan), ("+ colour jitter 0.4", jitter)]
+    # MTAN's training augmentation (random scale 1..1.5 with crop back, horizontal flip), then colour
+    # jitter on top
+    mtan = AugmentConfig(hflip=0.5, scale_range=(1.0, 1.5))
+    jitter = AugmentConfig(hflip=0.5, scale_range=(1.0, 1.5), color_jitter=0.4)
+    variants = [("read + check + tensors", None), ("+ train transform (scale, crop, flip)", mtan),
+                ("+ colour jitter 0.4", jitter)]
     rows = []
     cv2_threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
     cv2.setNumThreads(1)
@@ -582,8 +573,6 @@ def bench_data(repeats):
     finally:
         cv2.setNumThreads(cv2_threads)
         torch.set_num_threads(torch_threads)
-    if build_transform is None:
-        print("benchmark: mtvision.data.transforms is not available; the data rows time reading only")
     return rows
 
 

@@ -15,11 +15,11 @@ import sys
 
 import torch
 
+from mtvision._toolkit import find_cuda_home
+
 
 def main(build_dir):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, root)
-    from mtvision._toolkit import find_cuda_home
     args = ["cmake", "-S", root, "-B", build_dir, f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
     if shutil.which("ninja"):
         args += ["-G", "Ninja"]

@@ -16,11 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import mtvision  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from mtvision.config import load_config
 from mtvision.engine import Trainer, build_dataloader, trivial_baseline, write_json
 from mtvision.engine.cli import exit_on_user_error
