@@ -27,8 +27,11 @@ def fused_dense_loss(
       vectors: ``1 - cos`` over pixels whose target has non-zero norm.
 
     Any task's pair may be ``None``: its entry is 0. A task with no valid pixel gives 0 and a zero
-    gradient. Differentiable w.r.t. every prediction; backward uses the gradients computed in the
-    forward pass, so weighting the losses or back-propagating one task alone costs no second pass.
+    gradient. Differentiable w.r.t. every prediction: the backward is a second pass over the saved
+    predictions and targets, reusing the forward's valid-pixel counts and, for segmentation, its
+    per-pixel log-sum-exp (the softmax needs no second reduction over the classes); each task's
+    per-pixel derivative is scaled by its loss's incoming gradient over its count. Every given task's
+    gradient is computed, also when its loss gets a zero gradient (back-propagating one task alone).
     """
     pairs = {"seg": (seg_logits, seg_target), "depth": (depth_pred, depth_target),
              "normal": (normal_pred, normal_target)}
