@@ -1,4 +1,6 @@
-"""Datasets yielding the sample dicts of DESIGN §3, and their collate function."""
+"""Datasets yielding tensor sample dicts (``image`` float32 ``[3,H,W]``, ``seg``, ``depth``, ``normal``,
+``boxes``/``labels``, ``meta``: see :func:`mtvision.data.sample.to_tensor_sample`), and their collate
+function."""
 
 from .builders import DATASETS, build_dataset
 from .cityscapes import Cityscapes

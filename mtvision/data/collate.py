@@ -1,4 +1,5 @@
-"""Batching of sample dicts (DESIGN §3)."""
+"""Batching of tensor sample dicts (:func:`mtvision.data.sample.to_tensor_sample`): dense maps stacked,
+boxes, labels and meta as per-sample lists."""
 
 from __future__ import annotations
 

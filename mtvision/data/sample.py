@@ -11,7 +11,9 @@ Datasets read files into a *raw sample* of numpy arrays in image layout (rows, c
 - ``meta``   dict: ``source`` (the image file), ``files`` (every file read), ``size`` (original H, W), ...
 
 A key is absent when the dataset has no such label. ``mtvision.data.transforms`` works on raw samples;
-:func:`to_tensor_sample` turns one into the DESIGN §3 tensor dict the models and losses consume.
+:func:`to_tensor_sample` turns one into the *tensor sample* the models and losses consume: channels
+first (``image`` float32 ``[3,H,W]`` normalised, ``seg`` int64 ``[H,W]``, ``depth`` ``[1,H,W]``,
+``normal`` ``[3,H,W]``), ``boxes``/``labels`` as tensors, ``meta`` as is.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def check_raw_sample(raw: dict, num_classes: Optional[int] = None, source: Any =
 
 
 def to_tensor_sample(raw: dict, mean: Sequence[float], std: Sequence[float]) -> dict:
-    """The DESIGN §3 sample of a raw sample: ``image`` float32 ``[3,H,W]`` normalised with ``mean``/``std``
+    """The tensor sample of a raw sample: ``image`` float32 ``[3,H,W]`` normalised with ``mean``/``std``
     (per RGB channel, for the image in [0, 1]), ``seg`` int64 ``[H,W]``, ``depth`` float32 ``[1,H,W]``,
     ``normal`` float32 ``[3,H,W]``, ``boxes`` float32 ``[N,4]``, ``labels`` int64 ``[N]``, ``meta`` as is."""
     image = raw["image"]

@@ -496,7 +496,7 @@ class SyntheticScenes(Dataset):
     Sample ``i`` depends only on ``(seed, i)`` (``np.random.default_rng([seed, i])``), never on the
     worker process or the order of access; use different seeds for train and validation.
 
-    Each item is the dict of DESIGN §3: ``image`` float32 ``[3,H,W]`` (normalised with ``mean``/``std``),
+    Each item is a tensor sample dict: ``image`` float32 ``[3,H,W]`` (normalised with ``mean``/``std``),
     ``seg`` int64 ``[H,W]`` (ids into ``SYNTHETIC_CLASSES``; every pixel is labelled), ``depth`` float32
     ``[1,H,W]`` camera z-depth in metres (> 0 everywhere), ``normal`` float32 ``[3,H,W]`` unit camera-frame
     normals (x right, y down, z forward) facing the camera, ``boxes`` float32 ``[N,4]`` xyxy pixel edges of

@@ -1,4 +1,4 @@
-"""Geometry-aware joint transforms on raw samples (DESIGN §4).
+"""Geometry-aware joint transforms on raw samples: the image and every label through one geometry.
 
 One :class:`MultiTaskTransform` moves the image and every label of a raw sample
 (:mod:`mtvision.data.sample`: numpy HWC ``image``, ``seg``, ``depth``, ``normal``, ``boxes``/``labels``)

@@ -1,4 +1,5 @@
-"""mtvision.data.transforms: every geometry rule on constructed raw samples (DESIGN §4)."""
+"""mtvision.data.transforms: every geometry rule (resize, random scale, crop and pad, flip, colour jitter;
+how each moves seg, depth, normals and boxes) on constructed raw samples."""
 
 from __future__ import annotations
 
