@@ -64,10 +64,10 @@ def test_jpg_images_and_only_requested_tasks(tmp_path):
 
 
 def test_missing_label_file_names_the_expected_path(tmp_path):
-    F.write_custom(tmp_path, "train", stems=("a", "b"))
+    written = F.write_custom(tmp_path, "train", stems=("a", "b"))
     (tmp_path / "train" / "depth" / "b.png").unlink()
     ds = FolderDataset(tmp_path, "train")
-    assert ds[0] is not None
+    assert torch.equal(ds[0]["depth"][0], torch.from_numpy(written["a"]["depth"]))  # "a" is complete
     with pytest.raises(DataError, match=r"label file not found \(or b.npy\)") as e:
         ds[1]
     assert e.value.path == str(tmp_path / "train" / "depth" / "b.png") and e.value.field == "depth"

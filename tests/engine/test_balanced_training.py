@@ -26,8 +26,16 @@ def test_a_few_steps_with_each_method(tmp_path, name, level):
         values = trainer.train_step(batch)
         assert values["skipped"] == 0
         assert all(torch.isfinite(torch.tensor(v)) for k, v in values.items() if k != "skipped")
-    weights = [values[f"weight/{t}"] for t in trainer.tasks]
-    assert len(weights) == 3
+    # the logged total from the logged losses and weights: a gradient method's is the plain sum of the
+    # task losses, a loss weighting's its objective (UW's with 0.5 * sum(log sigma^2), w = 0.5 / sigma^2)
+    losses = torch.tensor([values[t] for t in trainer.tasks], dtype=torch.float64)
+    weights = torch.tensor([values[f"weight/{t}"] for t in trainer.tasks], dtype=torch.float64)
+    assert torch.isfinite(weights).all()
+    if name in AGGREGATORS:
+        expected = losses.sum()
+    else:
+        expected = (weights * losses).sum() - (0.5 * torch.log(2 * weights).sum() if name == "uw" else 0.0)
+    assert values["total"] == pytest.approx(expected.item(), rel=1e-5), (values, expected)
     changed = [not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())]
     assert all(changed), f"{sum(not c for c in changed)} parameters did not move"
     state = trainer.state_dict()
