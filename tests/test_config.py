@@ -1,6 +1,7 @@
 """Tests for mtvision.config: defaults, _base_ inheritance, overrides, round trip, error messages."""
 
 import dataclasses
+import sys
 import textwrap
 
 import pytest
@@ -212,6 +213,72 @@ def test_config_to_dict_is_plain_yaml():
     assert config_to_dict(DataConfig(batch_size=3))["batch_size"] == 3
 
 
+# --- custom_imports and data.check --------------------------------------------------------------------
+
+PLUGIN_ENTRY = "test_plugin_balancer_xyz"
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch, request):
+    """A module on sys.path registering a balancer; its name and registration are removed afterwards."""
+    from mtvision.registry import BALANCERS
+
+    name = f"mtv_test_plugin_{request.node.callspec.id}"
+    write(
+        tmp_path / "plugins" / f"{name}.py",
+        f"""
+        from mtvision.registry import BALANCERS
+
+        @BALANCERS.register({PLUGIN_ENTRY!r}, override=True)
+        class PluginBalancer:
+            pass
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "plugins"))
+    assert PLUGIN_ENTRY not in BALANCERS
+    yield name
+    sys.modules.pop(name, None)
+    # The registry has no public removal; other tests compare the balancer list with the shipped configs.
+    BALANCERS._entries.pop(PLUGIN_ENTRY, None)
+
+
+@pytest.mark.parametrize("how", ["file", "dict", "override", "apply_overrides"])
+def test_custom_imports_register_a_plugin(plugin, how, tmp_path):
+    from mtvision.registry import BALANCERS
+
+    if how == "file":
+        cfg = load_config(write(tmp_path / "x.yaml", f"custom_imports: [{plugin}]\n"))
+    elif how == "dict":
+        cfg = config_from_dict({"custom_imports": [plugin]})
+    elif how == "override":  # as on the command line: the value is parsed as a YAML list
+        cfg = load_config(write(tmp_path / "x.yaml", "seed: 1\n"), [f"custom_imports=[{plugin}]"])
+    else:
+        cfg = apply_overrides(Config(), [f"custom_imports=[{plugin}]"])
+    assert cfg.custom_imports == [plugin]
+    assert BALANCERS[PLUGIN_ENTRY] is sys.modules[plugin].PluginBalancer
+
+
+def test_custom_imports_errors(tmp_path):
+    assert Config().custom_imports == []
+    msg = err(config_from_dict, {"custom_imports": ["mtv_no_such_module_xyz"]})
+    assert msg.startswith("custom_imports[0]: cannot import 'mtv_no_such_module_xyz'"), msg
+    path = write(tmp_path / "x.yaml", "seed: 1\n")
+    assert err(load_config, path, ["custom_imports=[os, mtv_no_such_module_xyz]"]).startswith(
+        "custom_imports[1]: cannot import 'mtv_no_such_module_xyz'"
+    )
+    msg = err(load_config, path, ["custom_imports=os"])  # one name, not a list
+    assert msg.startswith("custom_imports: expected a list of str, got 'os'"), msg
+
+
+def test_data_check_is_true_false_or_null():
+    assert Config().data.check is None
+    for value in (True, False, None):
+        assert config_from_dict({"data": {"check": value}}).data.check is value
+    assert apply_overrides(Config(), ["data.check=false"]).data.check is False
+    msg = err(config_from_dict, {"data": {"check": "yes"}}, "exp.yaml")
+    assert msg == "data.check: expected bool or null, got 'yes' (str) in exp.yaml"
+
+
 # --- errors ------------------------------------------------------------------------------------------
 
 
@@ -341,5 +408,6 @@ def test_bad_overrides_name_the_override(tmp_path):
 def test_config_is_a_plain_dataclass():
     assert dataclasses.is_dataclass(Config) and issubclass(ConfigError, ValueError)
     assert [f.name for f in dataclasses.fields(Config)] == [
-        "work_dir", "seed", "data", "model", "loss", "optimizer", "schedule", "train", "balancer",
+        "work_dir", "seed", "custom_imports", "data", "model", "loss", "optimizer", "schedule", "train",
+        "balancer",
     ]
