@@ -403,7 +403,7 @@ def bench_training_step(device, repeats):
         per_round = 10 if device == "cuda" else setup.calls_per_timing  # GPU steps are short
         for name, level in STEP_METHODS:
             trainer = ew if name == "ew" else trainer_for(name, level)
-            fns = {"step": lambda: trainer.train_step(batch), "ew": lambda: ew.train_step(batch)}
+            fns = {"step": lambda: trainer.run_step(batch), "ew": lambda: ew.run_step(batch)}
             if level == "param" and name != "ew":
                 fns["floor"] = per_task_passes(trainer, batch)[0]
             if name == "ew":
@@ -492,7 +492,7 @@ def bench_switches(device, repeats):
         trainer = Trainer(cfg, console=False, progress=False)
         if batch is None:
             batch = next(iter(trainer.train_loader))
-        step_ms = 1e3 * median_time(lambda: trainer.train_step(batch), device, max(3, repeats // 2), warmup=3)
+        step_ms = 1e3 * median_time(lambda: trainer.run_step(batch), device, max(3, repeats // 2), warmup=3)
         ref_ms = ref_ms or step_ms
         rows.append({"op": f"train step, {name}", "shape": "resnet18 3-task B8 128x160", "device": device,
                      "step_ms": step_ms, "ratio_to_fp32": step_ms / ref_ms})

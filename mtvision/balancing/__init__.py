@@ -1,41 +1,54 @@
 """Task balancing: loss weighting (EW, UW, DWA, GradNorm, RLW, FAMO) and gradient aggregation on the
 per-task gradient Gramian (PCGrad, MGDA, CAGrad, Nash-MTL, IMTL-G, Aligned-MTL, UPGrad).
 
-``build_balancer(name, num_tasks, **kw)`` gives a :class:`LossWeighting` (an ``nn.Module`` deciding
-per-task loss weights) or a :class:`GradientAggregator` (weights from the T x T Gramian, usable as
-``aggregate(grads [T,P]) -> [P]``). The training loop for both is ``mtvision.engine.balanced_step``.
+Every method is registered in ``mtvision.registry.BALANCERS`` under its config name (``balancer.name``).
+``build_balancer(name, num_tasks, **kw)`` gives the method: a :class:`LossWeighting` (an ``nn.Module``
+deciding per-task loss weights) or a :class:`GradientAggregator` (weights from the T x T Gramian, usable
+as ``aggregate(grads [T,P]) -> [P]``). The training loop drives either through one interface,
+:class:`Balancer` (``build_task_balancer``; ``step.py``, ``gradient_step.py``).
 """
 
 from __future__ import annotations
 
-from .aggregators import AGGREGATORS, AlignedMTL, CAGrad, GradientAggregator, IMTLG, MGDA, NashMTL, PCGrad, UPGrad
-from .weighting import DWA, EW, FAMO, LOSS_WEIGHTINGS, RLW, UW, GradNorm, LossWeighting
+from ..registry import BALANCERS
+from .aggregators import AlignedMTL, CAGrad, GradientAggregator, IMTLG, MGDA, NashMTL, PCGrad, UPGrad
+from .gradient_step import GradientBalancer, GradientCombination
+from .step import Balancer, BalanceResult, Forward, LossWeightingBalancer, build_task_balancer
+from .weighting import DWA, EW, FAMO, RLW, UW, GradNorm, LossWeighting
 
 __all__ = [
-    "AGGREGATORS", "BALANCERS", "DWA", "EW", "FAMO", "GradNorm", "GradientAggregator", "IMTLG",
-    "LOSS_WEIGHTINGS", "LossWeighting", "MGDA", "NashMTL", "PCGrad", "RLW", "UPGrad", "UW", "AlignedMTL",
-    "CAGrad", "build_balancer", "is_gradient_method",
+    "AGGREGATORS", "BALANCERS", "Balancer", "BalanceResult", "DWA", "EW", "FAMO", "Forward", "GradNorm",
+    "GradientAggregator", "GradientBalancer", "GradientCombination", "IMTLG", "LOSS_WEIGHTINGS",
+    "LossWeighting", "LossWeightingBalancer", "MGDA", "NashMTL", "PCGrad", "RLW", "UPGrad", "UW",
+    "AlignedMTL", "CAGrad", "build_balancer", "build_task_balancer", "is_gradient_method",
 ]
 
-#: Every method by its config name (``balancer.name``).
-BALANCERS = {**LOSS_WEIGHTINGS, **AGGREGATORS}
+#: The built-in loss weightings and gradient methods by config name (views of ``BALANCERS`` at import).
+LOSS_WEIGHTINGS = {n: c for n, c in BALANCERS.items() if isinstance(c, type) and issubclass(c, LossWeighting)}
+AGGREGATORS = {n: c for n, c in BALANCERS.items() if isinstance(c, type) and issubclass(c, GradientAggregator)}
 
 
 def is_gradient_method(name: str) -> bool:
     """True for the methods that need per-task gradients (they work on the Gramian)."""
-    return name in AGGREGATORS
+    cls = BALANCERS.get(name)
+    return isinstance(cls, type) and issubclass(cls, GradientAggregator)
 
 
 def build_balancer(name: str, num_tasks: int, **kw):
-    """The balancing method ``name`` for ``num_tasks`` tasks, with its keyword arguments ``kw``.
+    """The balancing method ``name`` for ``num_tasks`` tasks, with its keyword arguments ``kw``: a
+    ``LossWeighting`` subclass is built as ``cls(num_tasks, **kw)``, a ``GradientAggregator`` as
+    ``cls(**kw)``. Raises ConfigError (a ValueError) naming ``balancer.name`` / ``balancer.kwargs.<arg>``
+    for an unknown method or argument."""
+    from ..registry import check_kwargs
 
-    Raises ValueError naming ``balancer.name`` / ``balancer.kwargs`` for an unknown method or argument.
-    """
-    if name not in BALANCERS:
-        raise ValueError(f"balancer.name: unknown method {name!r} (choose from: {', '.join(BALANCERS)})")
+    cls = BALANCERS.lookup(name, "balancer.name")
+    what = f"balancing method {name!r}"
+    gradient = isinstance(cls, type) and issubclass(cls, GradientAggregator)
+    if not gradient and not (isinstance(cls, type) and issubclass(cls, LossWeighting)):
+        raise ValueError(f"balancer.name: {name!r} is registered as {cls!r}, which is neither a LossWeighting "
+                         "nor a GradientAggregator subclass")
+    check_kwargs(cls, kw, "balancer.kwargs", what, injected=() if gradient else ("num_tasks",))
     try:
-        if name in LOSS_WEIGHTINGS:
-            return LOSS_WEIGHTINGS[name](num_tasks, **kw)
-        return AGGREGATORS[name](**kw)
+        return cls(**kw) if gradient else cls(num_tasks, **kw)
     except TypeError as exc:
         raise ValueError(f"balancer.kwargs: {exc} (method {name!r})") from exc

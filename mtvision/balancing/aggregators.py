@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mtvision.balancing import solvers
 from mtvision.ops import gram_matrix, weighted_sum
+from mtvision.registry import BALANCERS
 
 __all__ = [
     "GradientAggregator",
@@ -38,7 +39,6 @@ __all__ = [
     "IMTLG",
     "AlignedMTL",
     "UPGrad",
-    "AGGREGATORS",
 ]
 
 
@@ -87,6 +87,7 @@ class GradientAggregator:
         return f"{type(self).__name__}({args})"
 
 
+@BALANCERS.register("pcgrad")
 class PCGrad(GradientAggregator):
     """PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning"), Algorithm 1.
 
@@ -136,6 +137,7 @@ class PCGrad(GradientAggregator):
         return _out(w, gram)
 
 
+@BALANCERS.register("mgda")
 class MGDA(GradientAggregator):
     """MGDA (Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization").
 
@@ -176,6 +178,7 @@ class MGDA(GradientAggregator):
         return _out(w, gram)
 
 
+@BALANCERS.register("cagrad")
 class CAGrad(GradientAggregator):
     """CAGrad (Liu et al. 2021, "Conflict-Averse Gradient Descent for Multi-task Learning").
 
@@ -250,6 +253,7 @@ class CAGrad(GradientAggregator):
         return _out(weights, gram)
 
 
+@BALANCERS.register("nashmtl")
 class NashMTL(GradientAggregator):
     """Nash-MTL (Navon et al. 2022, "Multi-Task Learning as a Bargaining Game").
 
@@ -283,6 +287,7 @@ class NashMTL(GradientAggregator):
         return _out(w, gram)
 
 
+@BALANCERS.register("imtl")
 class IMTLG(GradientAggregator):
     """IMTL-G (Liu et al. 2021, "Towards Impartial Multi-task Learning"), gradient part.
 
@@ -313,6 +318,7 @@ class IMTLG(GradientAggregator):
         return _out(torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0), gram)
 
 
+@BALANCERS.register("alignedmtl")
 class AlignedMTL(GradientAggregator):
     """Aligned-MTL (Senushkin et al. 2023, "Independent Component Alignment for Multi-Task Learning").
 
@@ -361,6 +367,7 @@ class AlignedMTL(GradientAggregator):
         return _out(self.transform(gram).sum(1), gram)
 
 
+@BALANCERS.register("upgrad")
 class UPGrad(GradientAggregator):
     """UPGrad (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization").
 
@@ -402,15 +409,3 @@ class UPGrad(GradientAggregator):
         G = G + self.reg_eps * torch.eye(T, dtype=G.dtype, device=G.device)
         V = solvers.dual_cone_weights(G, torch.diag(p), max_iter=self.max_iter)
         return _out(V.sum(0), gram)
-
-
-#: Names used by ``mtvision.balancing.build_balancer`` -> class.
-AGGREGATORS: dict[str, type[GradientAggregator]] = {
-    "pcgrad": PCGrad,
-    "mgda": MGDA,
-    "cagrad": CAGrad,
-    "nashmtl": NashMTL,
-    "imtl": IMTLG,
-    "alignedmtl": AlignedMTL,
-    "upgrad": UPGrad,
-}

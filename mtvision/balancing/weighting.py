@@ -44,7 +44,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DWA", "EW", "FAMO", "LOSS_WEIGHTINGS", "GradNorm", "LossWeighting", "RLW", "UW"]
+from ..distributed import world_size
+from ..registry import BALANCERS
+
+__all__ = ["DWA", "EW", "FAMO", "GradNorm", "LossWeighting", "RLW", "UW"]
 
 
 def _adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: float,
@@ -129,6 +132,7 @@ class LossWeighting(nn.Module):
         return f"num_tasks={self.num_tasks}"
 
 
+@BALANCERS.register("ew")
 class EW(LossWeighting):
     """Equal (static) weights: ``w_t`` fixed, 1.0 each unless ``weights`` gives them (the config's
     ``loss.weights``). Nothing to call besides ``weights``; no state (the weights come from the config).
@@ -153,6 +157,7 @@ class EW(LossWeighting):
         return self.static_weights.to(task_losses.device)
 
 
+@BALANCERS.register("uw")
 class UW(LossWeighting):
     """Uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018), learned log-variances ``s = log sigma^2``.
 
@@ -193,6 +198,7 @@ class UW(LossWeighting):
         return 0.5 * self.log_vars.sum() + ((w - w.detach()) * losses).sum()
 
 
+@BALANCERS.register("dwa")
 class DWA(LossWeighting):
     """Dynamic Weight Average (Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention",
     CVPR 2019).
@@ -266,6 +272,7 @@ class DWA(LossWeighting):
         return f"num_tasks={self.num_tasks}, temp={self.temp}, window={self.window}"
 
 
+@BALANCERS.register("gradnorm")
 class GradNorm(LossWeighting):
     """GradNorm (Chen et al., ICML 2018): learned weights that equalise the tasks' training rates.
 
@@ -336,7 +343,7 @@ class GradNorm(LossWeighting):
         if not task_losses.requires_grad:
             raise ValueError("GradNorm.pre_backward: task_losses carry no graph; pass the differentiable "
                              "losses, before the backward pass")
-        if _world_size() > 1:
+        if world_size() > 1:
             norms, losses = self._global_norms_and_losses(task_losses, params)
         else:
             norms = self.grad_norms(task_losses, params).to(self.task_weights.device)
@@ -367,7 +374,7 @@ class GradNorm(LossWeighting):
                                    for g, p in zip(grads, params)]))
         flat = torch.cat([torch.stack(rows).reshape(-1), task_losses.detach().float()])
         torch.distributed.all_reduce(flat)
-        flat /= _world_size()
+        flat /= world_size()
         grads, losses = flat[:-self.num_tasks].view(self.num_tasks, -1), flat[-self.num_tasks:]
         dev = self.task_weights.device
         return grads.norm(dim=1).to(dev), losses.to(dev)
@@ -382,11 +389,7 @@ class GradNorm(LossWeighting):
         return f"num_tasks={self.num_tasks}, alpha={self.alpha}, lr={self.lr}"
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
+@BALANCERS.register("rlw")
 class RLW(LossWeighting):
     """Random loss weighting (Lin et al., "Reasonable Effectiveness of Random Weighting", 2021/TMLR 2022).
 
@@ -455,6 +458,7 @@ class RLW(LossWeighting):
         return f"num_tasks={self.num_tasks}, seed={self.seed}"
 
 
+@BALANCERS.register("famo")
 class FAMO(LossWeighting):
     """Fast Adaptive Multitask Optimization (Liu, Liu, Ye & Liu, NeurIPS 2023), as in the authors' code
     (Cranial-XIX/FAMO, ``famo.py``).
@@ -530,9 +534,3 @@ class FAMO(LossWeighting):
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, gamma={self.gamma}, lr={self.lr}"
-
-
-#: ``balancer.name`` -> class, for the loss-weighting methods.
-LOSS_WEIGHTINGS: dict[str, type[LossWeighting]] = {
-    "ew": EW, "uw": UW, "dwa": DWA, "gradnorm": GradNorm, "rlw": RLW, "famo": FAMO,
-}

@@ -1,26 +1,16 @@
-"""``build_dataset``: the config's ``data`` section -> a Dataset, through one plain name -> class dict."""
+"""``build_dataset``: the config's ``data`` section -> a Dataset, found by ``data.dataset`` in
+``mtvision.registry.DATASETS`` (the built-ins register themselves in their modules, imported here)."""
 
 from __future__ import annotations
 
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, DataConfig
-from .cityscapes import Cityscapes
-from .coco import CocoDetection
-from .custom import FolderDataset
-from .nyuv2 import NYUv2
+from ..registry import DATASETS
+from . import cityscapes, coco, custom, nyuv2  # noqa: F401 -- each registers its dataset
 from .synthetic import SyntheticScenes
 
 __all__ = ["DATASETS", "VAL_SEED_OFFSET", "build_dataset"]
-
-#: ``data.dataset`` name -> dataset class.
-DATASETS: dict[str, type[Dataset]] = {
-    "synthetic": SyntheticScenes,
-    "nyuv2": NYUv2,
-    "custom": FolderDataset,
-    "cityscapes": Cityscapes,
-    "coco": CocoDetection,
-}
 
 #: The synthetic validation set is drawn with ``seed + VAL_SEED_OFFSET``, the training set with ``seed``,
 #: so the two never share a scene (scene ``i`` depends only on ``(seed, i)``).
@@ -43,10 +33,7 @@ def build_dataset(data: DataConfig, split: str, seed: int = 0) -> Dataset:
     """
     if split not in _SPLITS:
         raise ValueError(f"build_dataset: split must be one of {_SPLITS}, got {split!r}")
-    if data.dataset not in DATASETS:
-        raise ConfigError(f"data.dataset: unknown dataset {data.dataset!r} "
-                          f"(choose from: {', '.join(DATASETS)})")
-    cls = DATASETS[data.dataset]
+    cls = DATASETS.lookup(data.dataset, "data.dataset")
     if cls is SyntheticScenes:
         if data.root is not None:
             raise ConfigError(f"data.root: the synthetic dataset is generated and reads no files; "

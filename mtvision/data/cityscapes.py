@@ -31,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..registry import DATASETS
 from ..config import ConfigError
 from .io import read_image, read_json, read_label_png
 from .sample import IGNORE_INDEX, DataError, RawDataset
@@ -103,6 +104,7 @@ def _camera_value(camera: dict, section: str, key: str, path: Path) -> float:
     return float(value)
 
 
+@DATASETS.register("cityscapes")
 class Cityscapes(RawDataset):
     """Cityscapes from the official folder tree (see the module docstring for the layout and labels).
 

@@ -44,6 +44,7 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
+from ..registry import DATASETS
 from ..config import ConfigError
 from .io import read_json
 from .sample import DataError, RawDataset
@@ -211,6 +212,7 @@ def _read_stored_pixels(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+@DATASETS.register("coco")
 class CocoDetection(RawDataset):
     """A COCO-format detection dataset (module docstring for the layout, the sample and the crowd rule).
 

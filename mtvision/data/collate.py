@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .sample import SkippedSample
+
 #: Dense keys stacked into one tensor per batch; everything else is kept as a per-sample list.
 DENSE_KEYS = ("image", "seg", "depth", "normal")
 
@@ -16,17 +18,20 @@ def collate_samples(batch: list[dict]) -> dict:
     keys present in the samples); ``boxes``, ``labels``, ``meta`` and any other key become lists of
     length B (boxes differ in number per image). Every sample must have the same keys.
 
-    ``None`` entries (samples a dataset with ``skip_bad`` could not read) are dropped and counted in
-    ``num_skipped`` (present only when some were); a batch of nothing but skipped samples is
-    ``{"num_skipped": n}``.
+    Samples a dataset with ``skip_bad`` could not read (:class:`~mtvision.data.sample.SkippedSample`, or
+    ``None``) are dropped, counted in ``num_skipped`` and their reasons (naming the file) listed in
+    ``skipped_files`` (both present only when some were); a batch of nothing but skipped samples is
+    ``{"num_skipped": n, "skipped_files": [...]}``.
     """
     if not batch:
         raise ValueError("collate_samples: empty batch")
-    skipped = sum(sample is None for sample in batch)
+    bad = [sample for sample in batch if sample is None or isinstance(sample, SkippedSample)]
+    skipped = len(bad)
     if skipped:
-        batch = [sample for sample in batch if sample is not None]
+        reasons = [s.reason if s is not None else "an unreadable sample" for s in bad]
+        batch = [sample for sample in batch if sample is not None and not isinstance(sample, SkippedSample)]
         if not batch:
-            return {"num_skipped": skipped}
+            return {"num_skipped": skipped, "skipped_files": reasons}
     keys = list(batch[0].keys())
     for i, sample in enumerate(batch):
         if set(sample.keys()) != set(keys):
@@ -45,4 +50,5 @@ def collate_samples(batch: list[dict]) -> dict:
             out[key] = values
     if skipped:
         out["num_skipped"] = skipped
+        out["skipped_files"] = reasons
     return out

@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..registry import DATASETS
 from ..config import ConfigError
 from .dense_io import DEPTH_EXTS, NORMAL_EXTS, check_shape, read_depth, read_normal, seg_from_array
 from .io import read_image, read_label_png
@@ -101,6 +102,7 @@ def read_class_names(path: Path) -> tuple[str, ...]:
     return names
 
 
+@DATASETS.register("custom")
 class FolderDataset(RawDataset):
     """A folder of images plus label maps (module doc for the layout and the encodings).
 

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..registry import DATASETS
 from ..config import ConfigError
 from .dense_io import NORMAL_EXTS, check_shape, finish_normal, read_normal, seg_from_array
 from .io import read_npy
@@ -125,6 +126,7 @@ def _resolve(root: Path, path) -> Path:
     return p if p.is_absolute() else root / p
 
 
+@DATASETS.register("nyuv2")
 class NYUv2(RawDataset):
     """NYUv2 with 13-class segmentation, metric depth and surface normals (module doc for the layouts).
 

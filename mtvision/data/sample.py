@@ -18,7 +18,7 @@ first (``image`` float32 ``[3,H,W]`` normalised, ``seg`` int64 ``[H,W]``, ``dept
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -108,6 +108,15 @@ def to_tensor_sample(raw: dict, mean: Sequence[float], std: Sequence[float]) -> 
     return out
 
 
+
+class SkippedSample(NamedTuple):
+    """What a dataset with ``skip_bad`` returns for a sample it cannot read: its index and the
+    :class:`DataError` message (which names the file and the field)."""
+
+    index: int
+    reason: str
+
+
 class RawDataset(torch.utils.data.Dataset):
     """Base of the file-backed datasets: a subclass implements ``__len__`` and ``read_raw(index) -> raw
     sample``; this class checks it, applies the transform and converts it to the tensor sample.
@@ -121,7 +130,8 @@ class RawDataset(torch.utils.data.Dataset):
         mean, std: image normalisation (per RGB channel, image in [0, 1]).
         num_classes: segmentation labels must be ``< num_classes`` or 255.
         seed: the default per-sample seed base.
-        skip_bad: return ``None`` (``collate_samples`` drops it and counts it) instead of raising
+        skip_bad: return a :class:`SkippedSample` (``collate_samples`` drops it, counts it and names it)
+            instead of raising
             :class:`DataError` for a sample that cannot be read.
     """
 
@@ -159,9 +169,9 @@ class RawDataset(torch.utils.data.Dataset):
             raise IndexError(f"{type(self).__name__}: index {index} out of range [0, {len(self)})")
         try:
             raw = check_raw_sample(self.read_raw(index), getattr(self, "num_classes", None))
-        except DataError:
+        except DataError as e:
             if self.skip_bad:
-                return None
+                return SkippedSample(index, str(e))
             raise
         if self.transform is not None:
             raw = self.transform(raw, np.random.default_rng(seed))

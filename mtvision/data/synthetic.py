@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..registry import DATASETS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -490,6 +492,7 @@ def instance_boxes(instance: np.ndarray, objects: list[dict], min_pixels: int):
             np.asarray(labels, dtype=np.int64), keep)
 
 
+@DATASETS.register("synthetic")
 class SyntheticScenes(Dataset):
     """Procedural indoor scenes with exact dense labels, generated on the fly.
 

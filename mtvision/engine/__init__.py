@@ -1,5 +1,5 @@
-"""Training and evaluation machinery: the Trainer, its builders, checkpoints, logging, evaluation loops,
-trivial baselines and prediction pictures."""
+"""Training and evaluation machinery: the Trainer and its hooks, its builders, checkpoints, logging,
+evaluation loops, trivial baselines and prediction pictures."""
 
 from .baselines import TrivialPredictor, fit_trivial_baseline, trivial_baseline
 from .builders import (
@@ -8,19 +8,23 @@ from .builders import (
     build_optimizer,
     build_scheduler,
     check_amp,
-    build_task_balancer,
+    check_input_size,
     check_tasks,
     resolve_device,
     seed_everything,
 )
 from .checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from .evaluator import PRIMARY_METRICS, build_metrics, evaluate, evaluate_model, primary_score, scalar_metrics
-from .trainer import Trainer, autocast_context, write_json
+from .evaluator import build_metrics, evaluate, evaluate_model, primary_score, scalar_metrics
+from .hooks import HookBase, TrainingError
+from .trainer import StepOutcome, Trainer
+from .utils import autocast_context, write_json
 
 __all__ = [
+    "HookBase",
     "LRLambda",
-    "PRIMARY_METRICS",
+    "StepOutcome",
     "Trainer",
+    "TrainingError",
     "TrivialPredictor",
     "autocast_context",
     "build_dataloader",
@@ -28,7 +32,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "check_amp",
-    "build_task_balancer",
+    "check_input_size",
     "check_tasks",
     "evaluate",
     "evaluate_model",

@@ -1,9 +1,11 @@
-"""Builders for the training loop: device, seeding, data loaders, optimizer, LR schedule, balancer check."""
+"""Builders and checks for the training loop: device, seeding, data loaders, optimizer, LR schedule, the
+tasks against the model's heads, the input size against the backbone."""
 
 from __future__ import annotations
 
 import math
 import random
+import signal
 from typing import Any
 
 import numpy as np
@@ -21,14 +23,12 @@ __all__ = [
     "build_scheduler",
     "check_amp",
     "check_train_switches",
-    "build_task_balancer",
+    "check_input_size",
     "check_tasks",
     "resolve_device",
     "seed_everything",
     "seed_worker",
 ]
-
-#: Balancer names this version trains with; the balancing issue adds the others of DESIGN §3.
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,7 +49,12 @@ def seed_everything(seed: int) -> None:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: derive ``random`` and NumPy seeds from the worker's torch seed
-    (itself drawn from the loader's generator), so augmentation randomness repeats run to run."""
+    (itself drawn from the loader's generator), so augmentation randomness repeats run to run; and
+    ignore SIGTERM / SIGINT, so that a signal to the whole process group (Slurm, Kubernetes, Ctrl-C,
+    torchrun) reaches the main process, which finishes its step, saves and shuts the workers down,
+    instead of killing the workers under it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
@@ -189,67 +194,39 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LRLambda(cfg, max_iters))
 
 
-def build_task_balancer(cfg, model, tasks: list[str]):
-    """The method of ``cfg.balancer`` for ``model`` training ``tasks``: a ``LossWeighting`` module (EW,
-    UW, DWA, GradNorm, RLW, FAMO) or a ``GradientBalancer`` (PCGrad, MGDA, CAGrad, Nash-MTL, IMTL-G,
-    Aligned-MTL, UPGrad at ``balancer.level`` param or rep). ConfigError naming the key when the name,
-    an argument or the level is wrong. ``loss.weights`` (static weights) belong to ``ew`` only."""
-    from ..balancing import build_balancer, is_gradient_method
-    from .balanced_step import GradientBalancer
-
-    name, kwargs = cfg.balancer.name, dict(cfg.balancer.kwargs)
-    if name == "ew":
-        kwargs.setdefault("weights", [float(cfg.loss.weights.get(t, 1.0)) for t in tasks])
-    elif cfg.loss.weights:
-        raise ConfigError(f"loss.weights: static task weights apply to balancer 'ew' only (balancer.name is "
-                          f"{name!r}, which decides the weights itself)")
-    if not is_gradient_method(name) and cfg.balancer.level != "param":
-        raise ConfigError(f"balancer.level: {cfg.balancer.level!r} is for gradient methods; {name!r} weights losses")
-    try:
-        method = build_balancer(name, len(tasks), **kwargs)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    if not is_gradient_method(name):
-        return method
-    generator = torch.Generator().manual_seed(int(cfg.seed))  # the T x T problem is solved on the host
-    return GradientBalancer(method, list(model.shared_parameters()),
-                            [list(model.task_parameters(t)) for t in tasks], level=cfg.balancer.level,
-                            generator=generator)
-
-
 def check_tasks(cfg) -> list[str]:
-    """The training tasks ``cfg.data.tasks``, checked against the losses and the model's heads.
+    """The training tasks ``cfg.data.tasks``, checked against the task registry and the model's heads.
 
-    ConfigError when a task has no loss, when ``data.tasks`` and ``model.heads`` name different tasks,
-    when the ``det`` head is not a detection head, or when the ``seg`` or ``det`` head's ``num_classes``
-    differs from ``data.num_classes`` (detection labels are the dataset's class ids, as segmentation's).
+    ConfigError when a task is not registered, when ``data.tasks`` and ``model.heads`` name different
+    tasks, when a task refuses its head's config (``Task.check_config``: the ``det`` head must detect,
+    class counts must equal ``data.num_classes``), or when ``loss.weights`` names another task.
     """
-    from ..losses import DETECTION_TASK, TASKS
-    from ..models import HEADS, FCOSHead
+    from ..registry import TASKS
 
     tasks = list(cfg.data.tasks)
     for t in tasks:
-        if t not in TASKS:
-            raise ConfigError(f"data.tasks: unknown task {t!r} (tasks: {', '.join(TASKS)})")
+        TASKS.lookup(t, "data.tasks")
     if len(set(tasks)) != len(tasks):
         raise ConfigError(f"data.tasks: duplicate task in {tasks}")
     heads = cfg.model.heads or {}
     if set(heads) != set(tasks):
         raise ConfigError(f"data.tasks {tasks} and model.heads {list(heads)} must name the same tasks")
-    det = heads.get(DETECTION_TASK)
-    if isinstance(det, dict) and det.get("name") in HEADS and not issubclass(HEADS[det["name"]], FCOSHead):
-        detection_heads = [name for name, cls in HEADS.items() if issubclass(cls, FCOSHead)]
-        raise ConfigError(f"model.heads.det.name: the det task needs a detection head "
-                          f"({', '.join(detection_heads)}), got {det['name']!r}")
-    for t in ("seg", DETECTION_TASK):
-        head = heads.get(t)
-        if isinstance(head, dict) and "num_classes" in head and head["num_classes"] != cfg.data.num_classes:
-            raise ConfigError(f"model.heads.{t}.num_classes ({head['num_classes']}) differs from "
-                              f"data.num_classes ({cfg.data.num_classes})")
+    for t in tasks:
+        TASKS[t].check_config(t, heads[t] if isinstance(heads[t], dict) else {}, cfg)
     for t in cfg.loss.weights:
         if t not in tasks:
             raise ConfigError(f"loss.weights.{t}: no such task (data.tasks: {', '.join(tasks)})")
     return tasks
+
+
+def check_input_size(model: nn.Module, size) -> None:
+    """ConfigError naming ``data.size`` when the backbone cannot take it: a ViT needs multiples of its
+    patch size (checked before any work, not at the first forward)."""
+    multiple = int(getattr(getattr(model, "backbone", None), "patch_size", 1) or 1)
+    if any(int(s) % multiple for s in size):
+        fit = [max(multiple, round(int(s) / multiple) * multiple) for s in size]
+        raise ConfigError(f"data.size: {list(size)} is not a multiple of the backbone's patch size {multiple} "
+                          f"(a ViT's input must be); use e.g. data.size=[{fit[0]},{fit[1]}]")
 
 
 def check_train_switches(train, device: torch.device, world_size: int) -> None:

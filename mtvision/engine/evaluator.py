@@ -10,32 +10,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..evaluation import HIGHER_IS_BETTER, DepthMetric, DetectionMetric, NormalMetric, SegmentationMetric
+from ..tasks import build_tasks, metric_direction, primary_metric_key
 
-__all__ = ["PRIMARY_METRICS", "build_metrics", "evaluate", "evaluate_model", "primary_score",
-           "scalar_metrics"]
-
-#: The metric each task is judged by when picking ``best.pth`` (see ``primary_score``).
-PRIMARY_METRICS = {"seg": "seg/mIoU", "depth": "depth/abs_err", "normal": "normal/mean", "det": "det/AP"}
-
-#: A detection head's decoding: ``(raw output [B, ...], image_size) -> per image
-#: {"boxes", "scores", "labels"}``.
-DetectionDecoder = Callable[[Tensor, Sequence[int]], list]
-
+__all__ = ["build_metrics", "evaluate", "evaluate_model", "primary_score", "scalar_metrics"]
 
 def build_metrics(tasks: Sequence[str], num_classes: int, ignore_index: int = 255) -> dict:
-    """One metric object per task: ``seg`` SegmentationMetric, ``depth`` DepthMetric, ``normal``
-    NormalMetric, ``det`` DetectionMetric (COCO box AP)."""
-    table = {
-        "seg": lambda: SegmentationMetric(num_classes, ignore_index),
-        "depth": DepthMetric,
-        "normal": NormalMetric,
-        "det": lambda: DetectionMetric(num_classes),
-    }
-    unknown = [t for t in tasks if t not in table]
-    if unknown:
-        raise ValueError(f"build_metrics: no metric for task(s) {unknown} (known: {', '.join(table)})")
-    return {t: table[t]() for t in tasks}
+    """One metric object per task, each the registered task's own (``Task.build_metric``)."""
+    return {t.name: t.build_metric() for t in build_tasks(tasks, num_classes, ignore_index)}
 
 
 def _flat(task: str, values: Mapping, class_names: Optional[Sequence[str]]) -> dict[str, float]:
@@ -54,7 +35,7 @@ def evaluate(predict: Callable[[Tensor], Mapping[str, Tensor]], loader: Iterable
              num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu",
              class_names: Optional[Sequence[str]] = None,
              on_batch: Optional[Callable[[dict, Mapping[str, Tensor]], None]] = None,
-             decode_detections: Optional[DetectionDecoder] = None) -> dict[str, float]:
+             heads: Optional[Mapping[str, nn.Module]] = None) -> dict[str, float]:
     """Run ``predict(images [B,3,H,W]) -> {task: prediction}`` over ``loader`` and return flat metrics.
 
     Keys: ``seg/mIoU``, ``seg/pixAcc`` and per-class ``seg/IoU/<name>`` (percent; segmentation is scored on
@@ -62,41 +43,31 @@ def evaluate(predict: Callable[[Tensor], Mapping[str, Tensor]], loader: Iterable
     ``depth/delta1..3``, ``normal/mean``, ``normal/median``, ``normal/rmse`` (degrees),
     ``normal/within_11.25|22.5|30``, ``det/AP``, ``det/AP50``, ``det/AP75``, ``det/APs|APm|APl`` and
     per-class ``det/classAP/<name>`` (COCO box AP, percent) — for the ``tasks`` given. Dense metrics are
-    pooled over every pixel of the set, detection over every image. The ``det`` prediction is decoded into
-    boxes by ``decode_detections(output, image_size)`` (default:
-    :func:`mtvision.models.heads.decode_detections` with its default thresholds) and scored against the
-    batch's ``boxes`` / ``labels``.
+    pooled over every pixel of the set, detection over every image. Each task turns the raw output into
+    what its metric scores (``Task.predict``): the ``det`` output is decoded into boxes by ``heads["det"]``'s
+    own thresholds when ``heads`` is given, else by :func:`mtvision.models.heads.decode_detections`'s
+    defaults, and scored against the batch's ``boxes`` / ``labels``.
     ``on_batch(batch, outputs)``, if given, sees every batch with the predictions the metrics score: the
     dense tasks' raw maps and the ``det`` task's decoded boxes (per image ``{"boxes", "scores",
     "labels"}``), e.g. to write them out (``tools/eval.py --cityscapes-export`` / ``--coco-export``);
     the boxes are decoded once, for both.
     """
-    metrics = build_metrics(tasks, num_classes, ignore_index)
+    task_objs = build_tasks(tasks, num_classes, ignore_index, heads)
+    metrics = {t.name: t.build_metric() for t in task_objs}
     device = torch.device(device)
-    if decode_detections is None:
-        from ..models.heads import decode_detections as default_decoder
-
-        decode_detections = default_decoder
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
-        out = predict(images)
-        if "det" in metrics:
-            out = {**out, "det": decode_detections(out["det"], images.shape[-2:])}
+        out = dict(predict(images))
+        for task in task_objs:
+            out[task.name] = task.predict(out[task.name], images.shape[-2:])
         if on_batch is not None:
             on_batch(batch, out)
-        for task, metric in metrics.items():
-            if task == "det":
-                targets = [{"boxes": b, "labels": lab} for b, lab in zip(batch["boxes"], batch["labels"])]
-                metric.update(out[task], targets)
-                continue
-            pred = out[task].float()
-            target = batch[task].to(device, non_blocking=True)
-            if task == "seg":
-                pred = pred.argmax(1)
-            metric.update(pred, target)
+        for task in task_objs:
+            task.update_metric(metrics[task.name], out[task.name], batch, device)
     flat: dict[str, float] = {}
-    for task, metric in metrics.items():
-        flat.update(_flat(task, metric.compute(), class_names if task in ("seg", "det") else None))
+    for task in task_objs:
+        names = class_names if task.class_named else None
+        flat.update(_flat(task.name, metrics[task.name].compute(), names))
     return flat
 
 
@@ -117,10 +88,9 @@ def evaluate_model(model: nn.Module, loader: Iterable[dict], tasks: Sequence[str
             return model(images)
 
     heads = getattr(model, "heads", {})
-    decoder = heads["det"].predict if "det" in tasks and "det" in heads else None
     try:
         return evaluate(predict, loader, tasks, num_classes, ignore_index, device, class_names, on_batch,
-                        decoder)
+                        heads=heads)
     finally:
         model.train(was_training)
 
@@ -134,20 +104,20 @@ def scalar_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
 def primary_score(metrics: Mapping[str, float], tasks: Sequence[str]) -> float:
     """Model-selection score for ``best.pth``; higher is better.
 
-    The mean over tasks of ``±log(M_t)`` for each task's primary metric ``M_t`` (``PRIMARY_METRICS``:
-    seg mIoU, depth abs_err, normal mean angle), ``+`` where higher is better. Comparing two evaluations
+    The mean over tasks of ``±log(M_t)`` for each task's primary metric ``M_t`` (``Task.primary_metric``:
+    seg mIoU, depth abs_err, normal mean angle, det AP), ``+`` where higher is better. Comparing two evaluations
     by this score is comparing the geometric mean of their per-task ratios ``M_t / M'_t`` (a
     multiplicative Δm that needs no reference model); with one task it ranks by that task's metric.
     A missing or non-finite metric gives ``-inf`` (never best).
     """
     terms = []
     for t in tasks:
-        key = PRIMARY_METRICS.get(t)
+        key = primary_metric_key(t)
         if key is None:
             continue
         v = metrics.get(key)
         if v is None or not math.isfinite(v):
             return -math.inf
-        sign = 1.0 if HIGHER_IS_BETTER[key.rsplit("/", 1)[1]] else -1.0
+        sign = 1.0 if metric_direction(key) else -1.0
         terms.append(sign * math.log(max(v, 1e-12)))
     return sum(terms) / len(terms) if terms else -math.inf

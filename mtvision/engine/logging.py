@@ -66,6 +66,10 @@ class ScalarWriter:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
 
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        """Write ``text`` under ``tag`` at ``step`` (TensorBoard's text tab)."""
+        self.writer.add_text(tag, text, step)
+
     def flush(self) -> None:
         self.writer.flush()
 

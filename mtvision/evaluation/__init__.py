@@ -6,7 +6,7 @@ whose AP is not additive, gathers its per-image records instead), so results dep
 batch size nor on the number of processes.
 """
 
-from .delta import (DELTA_M_METRICS, HIGHER_IS_BETTER, delta_m, delta_table, read_baselines, read_metrics,
+from .delta import (DELTA_M_METRICS, HIGHER_IS_BETTER, delta_m, delta_m_metrics, delta_table, read_baselines, read_metrics,
                     relative_changes)
 from .depth import DepthMetric
 from .detection import DetectionMetric
@@ -22,6 +22,7 @@ __all__ = [
     "relative_changes",
     "HIGHER_IS_BETTER",
     "DELTA_M_METRICS",
+    "delta_m_metrics",
     "delta_table",
     "read_baselines",
     "read_metrics",

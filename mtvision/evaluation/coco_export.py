@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.transforms import boxes_to_original
-from .distributed import dist_ready
+from ..distributed import dist_ready
 
 __all__ = ["CocoResultsExporter", "OFFICIAL_KEYS", "official_evaluation"]
 

@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["DELTA_M_METRICS", "HIGHER_IS_BETTER", "delta_m", "delta_table", "read_baselines", "read_metrics",
+__all__ = ["DELTA_M_METRICS", "delta_m_metrics", "HIGHER_IS_BETTER", "delta_m", "delta_table", "read_baselines", "read_metrics",
            "relative_changes"]
 
 #: The metrics Δm is taken over when a baseline is a whole metrics file (the NYUv2 / Cityscapes convention
@@ -67,12 +67,29 @@ def _flatten(d: Mapping, prefix: str = "") -> dict:
     return out
 
 
+def delta_m_metrics() -> tuple[str, ...]:
+    """``DELTA_M_METRICS`` and the Δm metrics of every other registered task (``Task.delta_metrics``)."""
+    from ..registry import TASKS
+
+    keys = list(DELTA_M_METRICS)
+    for name in TASKS:
+        keys += [f"{name}/{m}" for m in TASKS[name].delta_metrics if f"{name}/{m}" not in keys]
+    return tuple(keys)
+
+
 def _direction(key: str, higher_is_better: Mapping[str, bool] | None) -> bool:
+    from ..tasks import metric_direction
+
     name = key.rsplit("/", 1)[-1]
-    for table in (higher_is_better or {}, HIGHER_IS_BETTER):
-        for k in (key, name):
-            if k in table:
-                return bool(table[k])
+    for k in (key, name):
+        if k in (higher_is_better or {}):
+            return bool(higher_is_better[k])
+    registered = metric_direction(key)  # the task's own table (a plugin task's metrics too)
+    if registered is not None:
+        return registered
+    for k in (key, name):
+        if k in HIGHER_IS_BETTER:
+            return bool(HIGHER_IS_BETTER[k])
     raise ValueError(
         f"delta_m: no direction known for metric {key!r}; pass higher_is_better={{{key!r}: True|False}} "
         f"(known names: {sorted(HIGHER_IS_BETTER)})"
@@ -184,11 +201,11 @@ def read_baselines(paths: Sequence, metrics: Sequence[str] | None = None) -> dic
         if metrics is not None:
             keys = [k for k in metrics if k in values]
         elif run_file:
-            keys = [k for k in DELTA_M_METRICS if k in values]
+            keys = [k for k in delta_m_metrics() if k in values]
         else:
             keys = list(values)
         if not keys and metrics is None:
-            wanted = list(DELTA_M_METRICS) if run_file else "(an empty object)"
+            wanted = list(delta_m_metrics()) if run_file else "(an empty object)"
             raise ValueError(f"{path}: none of the metrics {wanted} is in this baseline file")
         for k in keys:
             if k in merged and merged[k] != values[k]:

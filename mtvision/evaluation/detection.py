@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .distributed import dist_ready
+from ..distributed import dist_ready
 
 __all__ = ["DetectionMetric"]
 

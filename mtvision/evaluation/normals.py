@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .distributed import all_reduce_sum
+from ..distributed import all_reduce_sum
 
 __all__ = ["NormalMetric", "BIN_WIDTH_DEG", "NUM_BINS"]
 

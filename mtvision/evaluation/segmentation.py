@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .distributed import all_reduce_sum
+from ..distributed import all_reduce_sum
 
 __all__ = ["SegmentationMetric"]
 

@@ -2,7 +2,6 @@
 
 from .dense import DENSE_TASKS, DenseMultiTaskLoss
 from .detection import FCOSLoss, fcos_targets
-from .multitask import DETECTION_TASK, TARGET_KEYS, TASKS, MultiTaskLoss
+from .multitask import MultiTaskLoss
 
-__all__ = ["DENSE_TASKS", "DETECTION_TASK", "TASKS", "TARGET_KEYS", "DenseMultiTaskLoss", "FCOSLoss",
-           "MultiTaskLoss", "fcos_targets"]
+__all__ = ["DENSE_TASKS", "DenseMultiTaskLoss", "FCOSLoss", "MultiTaskLoss", "fcos_targets"]

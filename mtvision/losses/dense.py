@@ -17,74 +17,54 @@ DENSE_TASKS = ("seg", "depth", "normal")
 class DenseMultiTaskLoss(nn.Module):
     """Per-task dense losses through one call of ``mtvision.ops.fused_dense_loss``.
 
-    ``forward(outputs, batch) -> dict``: ``outputs`` maps task -> prediction (``"seg"`` logits
-    ``[B,C,H,W]``, ``"depth"`` ``[B,1,H,W]`` metres, ``"normal"`` ``[B,3,H,W]`` raw), ``batch`` the
-    collated targets (``"seg"`` int64 ``[B,H,W]``, ``"depth"`` ``[B,1,H,W]``, ``"normal"`` ``[B,3,H,W]``).
-    Returns float32 scalar tensors: one per task in ``tasks`` (CE in nats, depth L1 in metres, normal
-    ``1 - cos``), and ``"total"`` = ``sum_t weights[t] * loss[t]``.
-
-    ``task_losses(outputs, batch)`` gives the unweighted losses as one ``[T]`` vector in ``tasks``
-    order, for a balancer that decides the weights itself.
+    ``task_losses(outputs, batch)`` (also ``forward``): ``outputs`` maps task -> prediction (``"seg"``
+    logits ``[B,C,H,W]``, ``"depth"`` ``[B,1,H,W]`` metres, ``"normal"`` ``[B,3,H,W]`` raw), ``batch``
+    the collated targets (``"seg"`` int64 ``[B,H,W]``, ``"depth"`` ``[B,1,H,W]``, ``"normal"``
+    ``[B,3,H,W]``). Returns the unweighted losses, float32 ``[T]`` in ``tasks`` order (CE in nats,
+    depth L1 in metres, normal ``1 - cos``); a balancer decides the weights.
 
     Args:
-        tasks: subset of ``DENSE_TASKS`` (any order; kept as given).
-        weights: static weight per task (missing tasks weigh 1.0); the config's ``loss.weights``.
+        tasks: task names (any order; kept as given); by default a subset of ``DENSE_TASKS``.
         ignore_index: segmentation label skipped by the CE.
+        slots: each task's position in the op's ``[ce, depth_l1, normal_cos]`` output (default: its
+            position in ``DENSE_TASKS``), for tasks registered under other names.
     """
 
-    def __init__(self, tasks: Sequence[str], weights: Optional[Mapping[str, float]] = None,
-                 ignore_index: int = 255):
+    def __init__(self, tasks: Sequence[str], ignore_index: int = 255, slots: Optional[Sequence[int]] = None):
         super().__init__()
         tasks = list(tasks)
         if not tasks:
             raise ValueError("DenseMultiTaskLoss: at least one task is required")
-        for t in tasks:
-            if t not in DENSE_TASKS:
-                raise ValueError(f"DenseMultiTaskLoss: unknown task {t!r} "
-                                 f"(dense tasks: {', '.join(DENSE_TASKS)})")
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"DenseMultiTaskLoss: duplicate task in {tasks}")
-        weights = dict(weights or {})
-        for t, w in weights.items():
-            if t not in tasks:
-                raise ValueError(f"loss.weights.{t}: no such task in this model (tasks: {', '.join(tasks)})")
-            if not (float(w) >= 0.0):
-                raise ValueError(f"loss.weights.{t}: must be >= 0, got {w!r}")
+        if slots is None:
+            for t in tasks:
+                if t not in DENSE_TASKS:
+                    raise ValueError(f"DenseMultiTaskLoss: unknown task {t!r} "
+                                     f"(dense tasks: {', '.join(DENSE_TASKS)})")
+            slots = [DENSE_TASKS.index(t) for t in tasks]
+        slots = [int(s) for s in slots]
+        if len(set(tasks)) != len(tasks) or len(set(slots)) != len(slots) or len(slots) != len(tasks):
+            raise ValueError(f"DenseMultiTaskLoss: duplicate task in {tasks} (slots {slots})")
+        if any(s not in (0, 1, 2) for s in slots):
+            raise ValueError(f"DenseMultiTaskLoss: slots must be 0 (ce), 1 (depth L1) or 2 (normal cos), got {slots}")
         self.tasks = tasks
         self.ignore_index = int(ignore_index)
-        self.register_buffer(
-            "weights", torch.tensor([float(weights.get(t, 1.0)) for t in tasks], dtype=torch.float32),
-            persistent=False)
-        # Position of each of our tasks in the op's [ce, depth_l1, normal_cos] output.
-        self._slots = [DENSE_TASKS.index(t) for t in tasks]
+        self._slots = slots
 
     def task_losses(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
         """Unweighted per-task losses, float32 ``[T]`` in ``self.tasks`` order (differentiable)."""
         from mtvision.ops import fused_dense_loss  # the C++ extension loads on first use only
 
-        args = []
-        for t in DENSE_TASKS:
-            if t in self.tasks:
-                if t not in outputs:
-                    raise KeyError(f"DenseMultiTaskLoss: model outputs lack task {t!r} "
-                                   f"(got {sorted(outputs)})")
-                if t not in batch:
-                    raise KeyError(f"DenseMultiTaskLoss: batch lacks the {t!r} target (got {sorted(batch)})")
-                args += [outputs[t], batch[t]]
-            else:
-                args += [None, None]
+        args: list[Optional[Tensor]] = [None] * 6
+        for t, slot in zip(self.tasks, self._slots):
+            if t not in outputs:
+                raise KeyError(f"DenseMultiTaskLoss: model outputs lack task {t!r} (got {sorted(outputs)})")
+            if t not in batch:
+                raise KeyError(f"DenseMultiTaskLoss: batch lacks the {t!r} target (got {sorted(batch)})")
+            args[2 * slot], args[2 * slot + 1] = outputs[t], batch[t]
         losses = fused_dense_loss(*args, ignore_index=self.ignore_index)
         return losses[self._slots]
 
-    def combine(self, task_losses: Tensor, weights: Optional[Tensor] = None) -> dict[str, Tensor]:
-        """``{task: loss, ..., "total": weighted sum}`` from a ``[T]`` vector; ``weights`` default: static."""
-        w = self.weights if weights is None else weights
-        out = {t: task_losses[i] for i, t in enumerate(self.tasks)}
-        out["total"] = (w.to(task_losses.device, task_losses.dtype) * task_losses).sum()
-        return out
-
-    def forward(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return self.combine(self.task_losses(outputs, batch))
+    forward = task_losses
 
     def extra_repr(self) -> str:
-        return f"tasks={self.tasks}, weights={self.weights.tolist()}, ignore_index={self.ignore_index}"
+        return f"tasks={self.tasks}, ignore_index={self.ignore_index}"

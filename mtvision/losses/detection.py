@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from ..distributed import mean_over_processes
 from ..models.heads.detection import split_detection_output
 
 __all__ = ["FCOSLoss", "fcos_targets"]
@@ -134,9 +134,7 @@ class FCOSLoss(nn.Module):
         positive = (target_labels < C).float()
         onehot = F.one_hot(target_labels, C + 1)[..., :C].to(logits.dtype)
         norms = torch.stack([positive.sum(), (target_ctr * positive).sum()])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(norms)
-            norms = norms / dist.get_world_size()
+        norms = mean_over_processes(norms)
         num_pos, ctr_sum = norms[0].clamp_min(1.0), norms[1].clamp_min(1e-6)
         cls_loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma,
                                       reduction="sum") / num_pos

@@ -6,10 +6,12 @@
 from .backbones import BackboneError, TimmCNNBackbone, ViTBackbone, build_backbone
 from . import heads
 from .heads import *  # noqa: F401,F403 -- every head class, listed once in heads.__all__
-from .multitask import HEADS, NECKS, MultiTaskModel, build_model
+from ..registry import BACKBONES, HEADS, NECKS
+from .multitask import MultiTaskModel, build_model
 from .necks import FPNNeck
 
 __all__ = [
+    "BACKBONES",
     "BackboneError",
     "FPNNeck",
     "HEADS",

@@ -34,6 +34,8 @@ from timm.layers import LayerNorm2d
 from timm.models import VisionTransformer
 from torch import Tensor, nn
 
+from ..registry import BACKBONES
+
 __all__ = ["BackboneError", "TimmCNNBackbone", "ViTBackbone", "build_backbone", "is_vit_name"]
 
 # Output strides a dilated CNN backbone may be built with (timm's ``output_stride``).
@@ -274,6 +276,7 @@ def is_vit_name(name: str) -> bool:
         return False
 
 
+@BACKBONES.register("timm")
 def build_backbone(name: str, pretrained: Optional[str] = None, out_indices: Optional[Sequence[int]] = None,
                    timm_kwargs: Optional[dict[str, Any]] = None, output_stride: Optional[int] = None) -> nn.Module:
     """A backbone from a timm model name; the result has ``out_channels`` and ``strides`` lists and

@@ -3,42 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from .backbones import BackboneError, build_backbone
-from .heads import (
-    DeepLabDepthHead,
-    DeepLabNormalHead,
-    DeepLabSegmentationHead,
-    DepthHead,
-    FCOSHead,
-    NormalHead,
-    SegmentationHead,
-)
-from .necks import FPNNeck
+from .backbones import BackboneError
+from ..registry import BACKBONES, HEADS, NECKS
 
-__all__ = ["MultiTaskModel", "build_model", "HEADS", "NECKS", "NO_NECK"]
+__all__ = ["MultiTaskModel", "build_model", "NO_NECK"]
 
-# Config name -> class. Heads are built as cls(in_channels=neck.out_channels, strides=neck.strides, **kwargs)
-# (the backbone's lists without a neck); necks as cls(in_channels=backbone.out_channels,
-# strides=backbone.strides, **kwargs).
-HEADS: dict[str, type[nn.Module]] = {
-    "segmentation": SegmentationHead,
-    "depth": DepthHead,
-    "normals": NormalHead,
-    "deeplab_segmentation": DeepLabSegmentationHead,
-    "deeplab_depth": DeepLabDepthHead,
-    "deeplab_normals": DeepLabNormalHead,
-    "fcos": FCOSHead,
-}
-NECKS: dict[str, type[nn.Module]] = {
-    "fpn": FPNNeck,
-}
+# Heads are built as cls(in_channels=neck.out_channels, strides=neck.strides, **kwargs) (the backbone's
+# lists without a neck); necks as cls(in_channels=backbone.out_channels, strides=backbone.strides, **kwargs).
 # model.neck.name meaning "no neck": the heads take the backbone's levels as they are.
 NO_NECK = "none"
 # Keys of model.backbone; anything else is an error naming the key.
@@ -134,51 +111,13 @@ def _as_dict(section: Any, key: str) -> dict:
     return dict(section)
 
 
-def _check_kwargs(cls: type, kwargs: dict, injected: Sequence[str], key: str, what: str) -> None:
-    """Unknown, injected and missing constructor arguments of ``cls`` -> ConfigError naming ``key.arg``."""
-    params = inspect.signature(cls.__init__).parameters
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    accepted = [p for p in params if p != "self" and params[p].kind in named]
-    settable = [p for p in accepted if p not in injected]
-    for k in kwargs:
-        if k in injected:
-            raise ConfigError(f"{key}.{k}: set automatically for {what} (from the backbone/neck); remove it")
-        if k not in accepted:
-            raise ConfigError(f"{key}.{k}: unexpected argument for {what} (accepted: {', '.join(settable) or 'none'})")
-    for p in settable:
-        if params[p].default is inspect.Parameter.empty and p not in kwargs:
-            raise ConfigError(f"{key}.{p}: required by {what}")
-
-
-def _pick(registry: dict[str, type], cfg: dict, key: str, kind: str) -> tuple[type, str]:
-    """(class, "kind 'name'") for ``cfg["name"]``, popped from ``cfg``."""
+def _neck_name(cfg: dict) -> str:
+    """``cfg["name"]`` (popped); the error lists ``none`` too."""
     name = cfg.pop("name", None)
-    if name is None:
-        raise ConfigError(f"{key}.name: required (choose from: {', '.join(registry)})")
-    if not isinstance(name, str) or name not in registry:
-        raise ConfigError(f"{key}.name: unknown {kind} {name!r} (choose from: {', '.join(registry)})")
-    return registry[name], f"{kind} {name!r}"
-
-
-def _pick_neck(cfg: dict) -> tuple[type, str]:
-    """(class, "neck 'name'") for ``cfg["name"]`` (popped); the error lists ``none`` too."""
-    name = cfg.pop("name", None)
-    choices = ", ".join([*NECKS, NO_NECK])
-    if name is None:
-        raise ConfigError(f"model.neck.name: required (choose from: {choices})")
     if not isinstance(name, str) or name not in NECKS:
-        raise ConfigError(f"model.neck.name: unknown neck {name!r} (choose from: {choices})")
-    return NECKS[name], f"neck {name!r}"
-
-
-def _construct(cls: type, args: dict, kwargs: dict, key: str, what: str) -> nn.Module:
-    try:
-        return cls(**args, **kwargs)
-    except (TypeError, ValueError) as e:
-        # Constructors start their messages with the argument's name ("num_classes must be ...").
-        arg = str(e).split(" ", 1)[0]
-        where = f"{key}.{arg}" if arg in kwargs else key
-        raise ConfigError(f"{where}: invalid value for {what}: {e}") from e
+        what = "required" if name is None else f"unknown neck {name!r}"
+        raise ConfigError(f"model.neck.name: {what} (choose from: {', '.join([*NECKS, NO_NECK])})")
+    return name
 
 
 def build_model(cfg: Any) -> MultiTaskModel:
@@ -210,20 +149,22 @@ def build_model(cfg: Any) -> MultiTaskModel:
     bcfg = _as_dict(cfg.get("backbone"), "model.backbone")
     if "name" not in bcfg:
         raise ConfigError("model.backbone.name: required (a timm model name, e.g. resnet18)")
-    for k in bcfg:
-        if k not in BACKBONE_KEYS:
-            raise ConfigError(f"model.backbone.{k}: unexpected key (allowed: {', '.join(BACKBONE_KEYS)}; "
-                              "other timm.create_model arguments go in timm_kwargs)")
+    name = bcfg.pop("name")
     try:
-        backbone = build_backbone(bcfg["name"], pretrained=bcfg.get("pretrained"), out_indices=bcfg.get("out_indices"),
-                                  timm_kwargs=bcfg.get("timm_kwargs"), output_stride=bcfg.get("output_stride"))
+        if name in BACKBONES and name != "timm":  # a registered backbone (a plugin's): its own arguments
+            backbone = BACKBONES.build(name, "model.backbone", bcfg)
+        else:  # a timm model name
+            for k in bcfg:
+                if k not in BACKBONE_KEYS:
+                    raise ConfigError(f"model.backbone.{k}: unexpected key (allowed: {', '.join(BACKBONE_KEYS)}; "
+                                      "other timm.create_model arguments go in timm_kwargs)")
+            backbone = BACKBONES["timm"](name, **bcfg)
     except BackboneError as e:
         raise ConfigError(f"model.backbone.{e.key}: {e}") from e
     except FileNotFoundError as e:
         raise FileNotFoundError(f"model.backbone.pretrained: {e}") from e
 
     # neck ("none" / null: the heads take the backbone's levels)
-    injected = ("in_channels", "strides")
     if "neck" not in cfg:
         ncfg: Optional[dict] = {"name": "fpn"}
     elif cfg["neck"] is None:
@@ -237,10 +178,8 @@ def build_model(cfg: Any) -> MultiTaskModel:
         neck = None
         level_channels, level_strides = backbone.out_channels, backbone.strides
     else:
-        neck_cls, what = _pick_neck(ncfg)
-        _check_kwargs(neck_cls, ncfg, injected, "model.neck", what)
-        neck = _construct(neck_cls, dict(in_channels=backbone.out_channels, strides=backbone.strides), ncfg,
-                          "model.neck", what)
+        neck = NECKS.build(_neck_name(ncfg), "model.neck", ncfg,
+                           injected=dict(in_channels=backbone.out_channels, strides=backbone.strides))
         level_channels, level_strides = neck.out_channels, neck.strides
 
     # heads
@@ -253,7 +192,8 @@ def build_model(cfg: Any) -> MultiTaskModel:
         if not isinstance(task, str) or not task or "." in task:
             raise ConfigError(f"{key}: task names must be non-empty strings without '.'")
         spec = _as_dict(spec, key)
-        head_cls, what = _pick(HEADS, spec, key, "head")
-        _check_kwargs(head_cls, spec, injected, key, what)
-        heads[task] = _construct(head_cls, dict(in_channels=level_channels, strides=level_strides), spec, key, what)
+        if "name" not in spec:
+            raise ConfigError(f"{key}.name: required (choose from: {', '.join(HEADS)})")
+        heads[task] = HEADS.build(spec.pop("name"), key, spec,
+                                  injected=dict(in_channels=level_channels, strides=level_strides))
     return MultiTaskModel(backbone, neck, heads)

@@ -11,6 +11,8 @@ from typing import Optional
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 
+from ..registry import NECKS
+
 __all__ = ["FPNNeck", "group_norm_groups"]
 
 
@@ -19,6 +21,7 @@ def group_norm_groups(channels: int, max_groups: int = 32) -> int:
     return math.gcd(channels, max_groups)
 
 
+@NECKS.register("fpn")
 class FPNNeck(nn.Module):
     """Feature pyramid network (Lin et al. 2017) over the backbone levels, via
     ``torchvision.ops.FeaturePyramidNetwork`` (1x1 lateral convs, nearest top-down upsampling, 3x3 output

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from mtvision.balancing import AGGREGATORS
-from mtvision.engine.balanced_step import GradientBalancer
+from mtvision.balancing import GradientBalancer
 from mtvision.models import build_model
 from mtvision.ops import fused_dense_loss
 
@@ -47,7 +47,7 @@ def step_grads(model, forward_model, images, targets, method, level, distributed
         out = forward_model(images)
     losses = fused_dense_loss(out["seg"], targets["seg"], out["depth"], targets["depth"], out["normal"],
                               targets["normal"])
-    w = balancer.backward(losses, [out[t] for t in TASKS], features, head_inputs)
+    w = balancer.combine(losses, [out[t] for t in TASKS], features, head_inputs).weights
     return w, [p.grad.clone() for p in model.parameters()]
 
 

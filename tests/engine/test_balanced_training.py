@@ -6,7 +6,7 @@ import torch
 from mtvision.balancing import AGGREGATORS, BALANCERS, MGDA, PCGrad
 from mtvision.config import config_to_dict
 from mtvision.engine import Trainer
-from mtvision.engine.balanced_step import GradientBalancer
+from mtvision.balancing import GradientBalancer
 from mtvision.models import build_model
 from mtvision.ops import reference
 
@@ -23,7 +23,7 @@ def test_a_few_steps_with_each_method(tmp_path, name, level):
     batch = next(iter(trainer.train_loader))
     before = [p.detach().clone() for p in trainer.model.parameters()]
     for _ in range(3):
-        values = trainer.train_step(batch)
+        values = trainer.iterate(batch).as_dict()
         assert values["skipped"] == 0
         assert all(torch.isfinite(torch.tensor(v)) for k, v in values.items() if k != "skipped")
     # the logged total from the logged losses and weights: a gradient method's is the plain sum of the
@@ -78,7 +78,7 @@ def test_param_level_backward_equals_definition(tmp_path, memory_format):
 
     balancer = GradientBalancer(MGDA(), shared, [list(model.task_parameters(t)) for t in tasks])
     out = model(images)
-    w = balancer.backward(_losses(out, targets), [out[t] for t in tasks])
+    w = balancer.combine(_losses(out, targets), [out[t] for t in tasks]).weights
     torch.testing.assert_close(w.double(), w_ref.double(), rtol=1e-4, atol=1e-6)
     got = torch.cat([p.grad.reshape(-1) for p in shared])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
@@ -109,7 +109,7 @@ def test_rep_level_backward_equals_definition(tmp_path):
     feats = model.forward_features(images)
     head_inputs = [f.detach().requires_grad_() for f in feats]
     out = model.forward_heads(head_inputs, images.shape[-2:])
-    w = balancer.backward(_losses(out, targets), [out[t] for t in tasks], feats, head_inputs)
+    w = balancer.combine(_losses(out, targets), [out[t] for t in tasks], feats, head_inputs).weights
     torch.testing.assert_close(w.double(), w_ref, rtol=1e-4, atol=1e-6)
     for p, g in zip(shared, expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
@@ -128,11 +128,11 @@ def test_param_level_clip_folded_into_the_weights_equals_clip_grad_norm(tmp_path
                                     [list(model.task_parameters(t)) for t in tasks],
                                     generator=torch.Generator().manual_seed(5))
         out = model(images)
-        balancer.backward(_losses(out, targets), [out[t] for t in tasks], max_norm=clip)
+        combined = balancer.combine(_losses(out, targets), [out[t] for t in tasks], max_norm=clip)
         if clip is None:
             norms.append(torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm).item())
         else:
-            norms.append(balancer.last_grad_norm)
+            norms.append(combined.grad_norm)
         grads.append([p.grad.clone() for p in model.parameters()])
     assert norms[1] == pytest.approx(norms[0], rel=1e-5)
     for expected, got in zip(*grads):
@@ -151,7 +151,7 @@ def test_max_norm_needs_the_param_level(tmp_path):
     head_inputs = [f.detach().requires_grad_() for f in feats]
     out = model.forward_heads(head_inputs, images.shape[-2:])
     with pytest.raises(ValueError, match="max_norm needs level='param'"):
-        balancer.backward(_losses(out, targets), [out[t] for t in tasks], feats, head_inputs, max_norm=1.0)
+        balancer.combine(_losses(out, targets), [out[t] for t in tasks], feats, head_inputs, max_norm=1.0)
 
 
 @pytest.mark.parametrize("name,level", [("mgda", "param"), ("cagrad", "param"), ("mgda", "rep")])
@@ -160,8 +160,9 @@ def test_trainer_clips_balanced_gradients_to_grad_clip(tmp_path, name, level):
     folds the clip into its weights (param level) or the trainer clips after the backward (rep)."""
     cfg = tiny_config(tmp_path, [f"balancer.name={name}", f"balancer.level={level}", "train.grad_clip=1e-3"])
     trainer = Trainer(cfg, console=False, progress=False)
-    assert trainer.train_step(next(iter(trainer.train_loader)))["skipped"] == 0
+    outcome = trainer.iterate(next(iter(trainer.train_loader)))
+    assert not outcome.skipped
     total = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in trainer.model.parameters()]))
     assert total.item() == pytest.approx(1e-3, rel=1e-4)
-    folded = trainer.grad_balancer.last_grad_norm
+    folded = outcome.grad_norm
     assert (folded is not None and folded > 1e-3) == (level == "param")

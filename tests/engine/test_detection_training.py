@@ -9,7 +9,7 @@ import torch
 from mtvision.balancing import MGDA
 from mtvision.config import ConfigError, config_to_dict
 from mtvision.engine import Trainer, check_tasks
-from mtvision.engine.balanced_step import GradientBalancer
+from mtvision.balancing import GradientBalancer
 from mtvision.engine.visualize import LABEL_HEIGHT, write_prediction_pngs
 from mtvision.models import build_model
 from mtvision.models.heads import decode_detections
@@ -30,7 +30,7 @@ def test_training_steps_move_every_head_with_detection(tmp_path, name, level):
     assert isinstance(batch["boxes"], list) and len(batch["boxes"]) == 4
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     for _ in range(2):
-        values = trainer.train_step(batch)
+        values = trainer.iterate(batch).as_dict()
         assert values["skipped"] == 0 and torch.isfinite(torch.tensor(values["det"]))
     moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
     assert any(n.startswith("heads.det.") for n in moved) and any(n.startswith("backbone.") for n in moved)
@@ -60,7 +60,7 @@ def test_a_batch_without_boxes_names_what_is_missing(tmp_path):
     batch = next(iter(trainer.train_loader))
     del batch["boxes"]
     with pytest.raises(KeyError, match="the det task needs 'boxes' in every batch"):
-        trainer.train_step(batch)
+        trainer.iterate(batch).as_dict()
 
 
 def test_pictures_draw_predicted_and_true_boxes(tmp_path):
@@ -77,6 +77,7 @@ def test_pictures_draw_predicted_and_true_boxes(tmp_path):
     assert (true_panel != input_panel).any()  # the true boxes are drawn
 
 
+@pytest.mark.slow
 def test_onnx_export_of_a_detection_model_decodes_to_the_same_boxes(tmp_path):
     from mtvision.export import check_onnx, export_onnx, onnx_outputs, read_onnx_metadata
 
@@ -115,7 +116,7 @@ def test_balancer_with_a_0_dim_shared_parameter():
     w_ref = MGDA().weights(jac.double() @ jac.double().T)
     balancer = GradientBalancer(MGDA(), [scalar, vector], [[heads[0]], [heads[1]]])
     outs, losses = outputs_and_losses()
-    balancer.backward(losses, outs)
+    balancer.combine(losses, outs)
     assert scalar.grad.shape == ()
     got = torch.cat([scalar.grad.reshape(1), vector.grad])
     torch.testing.assert_close(got, (w_ref.float() @ jac), rtol=1e-5, atol=1e-6)
@@ -145,7 +146,7 @@ def test_a_coco_format_dataset_trains_and_evaluates_end_to_end(tmp_path):
                    console=False, progress=False)
     sample = keep.val_set[0]
     assert sample["meta"]["transform"]["scaled_size"] != (64, 64)
-    assert keep.train_step(next(iter(keep.train_loader)))["skipped"] == 0
+    assert keep.iterate(next(iter(keep.train_loader))).skipped == 0
 
 
 def test_keep_ratio_is_refused_for_the_synthetic_scenes(tmp_path):

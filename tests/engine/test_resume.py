@@ -30,14 +30,14 @@ def _trainer(tmp_path, name, overrides=()):
 
 def _stop_with_signal_after(trainer, steps, signum=signal.SIGTERM):
     """Make the process receive ``signum`` during step ``steps`` (as a scheduler's preemption would)."""
-    step = trainer.train_step
+    step = trainer.run_step
 
     def wrapped(batch):
         if trainer.iteration == steps - 1:
             os.kill(os.getpid(), signum)
         return step(batch)
 
-    trainer.train_step = wrapped
+    trainer.run_step = wrapped
 
 
 def _assert_same_state(a: Trainer, b: Trainer):
@@ -51,7 +51,7 @@ def _assert_same_state(a: Trainer, b: Trainer):
     last_a, last_b = a.history[-1], b.history[-1]
     assert last_a.keys() == last_b.keys()
     assert all(last_a[k] == last_b[k] or (math.isnan(last_a[k]) and math.isnan(last_b[k])) for k in last_a)
-    assert (a.iteration, a.epoch, a.batch_in_epoch) == (b.iteration, b.epoch, b.batch_in_epoch)
+    assert (a.iteration, a.data_position) == (b.iteration, b.data_position)
 
 
 @pytest.mark.parametrize("method,workers", [("ew", 0), ("dwa", 0), ("rlw", 0), ("pcgrad", 0), ("ew", 2)])
@@ -77,10 +77,10 @@ def test_stop_and_resume_is_bit_exact(tmp_path, method, workers):
     _assert_same_state(straight, second)
     assert torch.equal(rng_after_straight, torch.get_rng_state())
     if method != "pcgrad":
-        assert straight.loss_weighting.state_dict().keys() == second.loss_weighting.state_dict().keys()
-        for k, v in straight.loss_weighting.state_dict().items():
+        assert straight.balancer.state_dict().keys() == second.balancer.state_dict().keys()
+        for k, v in straight.balancer.state_dict().items():
             if isinstance(v, torch.Tensor):
-                assert torch.equal(v, second.loss_weighting.state_dict()[k]), k
+                assert torch.equal(v, second.balancer.state_dict()[k]), k
 
 
 def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
@@ -128,7 +128,7 @@ def test_resume_keeps_this_runs_optimizer_implementation(tmp_path, saved_fused, 
         assert torch.equal(state[i]["exp_avg"], saved[i]["exp_avg"])
         assert torch.equal(state[i]["exp_avg_sq"], saved[i]["exp_avg_sq"])
     before = [p.detach().clone() for p in resumed.model.parameters()]
-    assert resumed.train_step(next(iter(resumed.train_loader)))["skipped"] == 0
+    assert resumed.iterate(next(iter(resumed.train_loader))).skipped == 0
     assert all(float(s["step"]) == 4 for s in resumed.optimizer.state.values())
     assert not all(torch.equal(p, q) for p, q in zip(before, resumed.model.parameters()))
 

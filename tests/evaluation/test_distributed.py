@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from mtvision.evaluation import DepthMetric, NormalMetric, SegmentationMetric
-from mtvision.evaluation.distributed import all_reduce_sum
+from mtvision.distributed import all_reduce_sum
 
 from ..multiprocess import gloo_process_group, run_two_processes
 
@@ -62,6 +62,7 @@ def _assert_same(a, b, rel=0.0):
         np.testing.assert_allclose(x, y, rtol=rel, atol=0, equal_nan=True, err_msg=k)
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_gloo_processes_match_one_process(tmp_path):
     run_two_processes(_worker, tmp_path)

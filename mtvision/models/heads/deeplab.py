@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...registry import HEADS
 from .common import _check_levels
 from .depth import DepthHead, check_depth_range, depth_activation
 from .normals import NormalHead
@@ -206,6 +207,7 @@ class DeepLabHead(nn.Module):
         return self.activate(x)
 
 
+@HEADS.register("deeplab_segmentation")
 class DeepLabSegmentationHead(DeepLabHead):
     """Per-pixel class logits ``[B, num_classes, H, W]`` (raw, no softmax) from a DeepLab head.
 
@@ -233,6 +235,7 @@ class DeepLabSegmentationHead(DeepLabHead):
         self.num_classes = num_classes
 
 
+@HEADS.register("deeplab_depth")
 class DeepLabDepthHead(DeepLabHead):
     """Metric depth ``[B, 1, H, W]`` in metres, strictly positive (``min_depth + softplus``, or a sigmoid
     between ``min_depth`` and ``max_depth``, as :class:`~mtvision.models.heads.DepthHead`).
@@ -258,6 +261,7 @@ class DeepLabDepthHead(DeepLabHead):
         return depth_activation(x, self.min_depth, self.max_depth)
 
 
+@HEADS.register("deeplab_normals")
 class DeepLabNormalHead(DeepLabHead):
     """Surface normals ``[B, 3, H, W]``: raw camera-frame vectors (normalised by the loss and the metric,
     not here). Args: as :class:`DeepLabSegmentationHead` without ``num_classes``."""

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...registry import HEADS
 from .common import DenseHead
 
 __all__ = ["DepthHead", "check_depth_range", "depth_activation"]
@@ -33,6 +34,7 @@ def depth_activation(x: Tensor, min_depth: float, max_depth: Optional[float]) ->
     return min_depth + (max_depth - min_depth) * torch.sigmoid(x)
 
 
+@HEADS.register("depth")
 class DepthHead(DenseHead):
     """Metric z-depth: ``forward(features, image_size=(H, W)) -> [B, 1, H, W]`` in metres, strictly positive.
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
+from ...registry import HEADS
 from .common import ConvGNReLU, _check_levels
 
 __all__ = ["FCOSHead", "DETECTION_EXTRA_COLUMNS", "decode_detections", "split_detection_output"]
@@ -54,6 +55,7 @@ class _Scale(nn.Module):
         return x * self.scale
 
 
+@HEADS.register("fcos")
 class FCOSHead(nn.Module):
     """FCOS on the neck's levels: ``forward(features, image_size) -> [B, A, num_classes + 8]`` (see the
     module docstring for the columns).

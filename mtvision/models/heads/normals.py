@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Union
 
+from ...registry import HEADS
 from .common import DenseHead
 
 __all__ = ["NormalHead"]
 
 
+@HEADS.register("normals")
 class NormalHead(DenseHead):
     """Surface normals: ``forward(features, image_size=(H, W)) -> [B, 3, H, W]`` raw (unnormalised)
     camera-frame vectors (x right, y down, z forward). Normalise where they are used (the loss and the

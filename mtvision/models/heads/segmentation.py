@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Union
 
+from ...registry import HEADS
 from .common import DenseHead
 
 __all__ = ["SegmentationHead"]
 
 
+@HEADS.register("segmentation")
 class SegmentationHead(DenseHead):
     """Per-pixel class logits: ``forward(features, image_size=(H, W)) -> [B, num_classes, H, W]`` (raw
     logits, no softmax), from a semantic-FPN decoder upsampled bilinearly to the image size.

@@ -1,4 +1,4 @@
-"""Backward passes of the gradient-balancing methods: per-task gradients -> Gramian -> T weights ->
+"""The training step of the gradient-balancing methods: per-task gradients -> Gramian -> T weights ->
 one combined gradient, without flattening and without a host sync per task pair.
 
 - Parameter level (``param``): one forward, then T backward passes (``autograd.grad`` with the graph
@@ -14,8 +14,8 @@ averaged across processes before the Gramian, so every process computes the same
 update as one process on the global batch: at the parameter level the T x P buffers and the heads'
 gradients live in one flat tensor, reduced by one all-reduce (not T); at the representation level the
 T x T Gramian is summed across processes (one small all-reduce) and the parameter gradients are
-averaged with one more. Run the forward and this backward under DDP's ``no_sync()`` so that DDP's own
-reducer stays out of it.
+averaged with one more. The model these methods train is not wrapped in DDP (``uses_ddp`` is false):
+DDP's reducer would average the gradients a second time.
 
 The device is waited for once in this backward: the Gramian comes to the host (with any small tensor the
 caller passes, e.g. its logged losses), the T x T problem is solved there and T weights go back.
@@ -32,16 +32,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..balancing import GradientAggregator
+from ..distributed import world_size
 from ..ops import gram_matrix, weighted_sum
+from .aggregators import GradientAggregator
+from .step import Balancer, BalanceResult, Forward
 
-__all__ = ["GradientBalancer"]
+__all__ = ["GradientBalancer", "GradientCombination"]
+
+
+@dataclass
+class GradientCombination:
+    """What one :meth:`GradientBalancer.combine` decided.
+
+    Attributes:
+        weights: ``[T]`` on the device, what the shared gradients were combined with (the method's,
+            times the clip factor when ``max_norm`` clipped).
+        weights_host: the method's ``[T]``, float64 on the host, unclipped.
+        gram_host: the Gramian, float64 on the host, unscaled, summed across processes.
+        finite: the Gramian is finite (else no solve, zero weights: the caller skips the step).
+        read: the host copy (float64) of the ``read_with_gram`` tensor, or ``None``.
+        grad_norm: the total gradient norm before clipping (``max_norm`` given), else ``None``.
+    """
+
+    weights: Tensor
+    weights_host: Tensor
+    gram_host: Tensor
+    finite: bool
+    read: Optional[Tensor] = None
+    grad_norm: Optional[float] = None
 
 
 def _layout_views(flat: Tensor, like: Tensor, rows: Optional[int] = None) -> tuple[Tensor, Tensor]:
@@ -58,7 +83,7 @@ def _layout_views(flat: Tensor, like: Tensor, rows: Optional[int] = None) -> tup
     return dense, dense.permute((*range(len(lead)), *(len(lead) + i for i in inverse)))
 
 
-class GradientBalancer:
+class GradientBalancer(Balancer):
     """Runs the backward of a gradient-aggregation method for a model with shared and per-task parameters.
 
     Args:
@@ -70,13 +95,19 @@ class GradientBalancer:
             solved on the host).
         distributed: average across torch.distributed processes; ``None``: when a process group with
             more than one process is initialised.
+        tasks: task names in loss order (for the logged values; default ``task0, task1, ...``).
     """
+
+    uses_ddp = False
+    retains_graph = True
 
     def __init__(self, aggregator: GradientAggregator, shared: Sequence[Tensor],
                  task_params: Sequence[Sequence[Tensor]], level: str = "param",
-                 generator: Optional[torch.Generator] = None, distributed: Optional[bool] = None):
+                 generator: Optional[torch.Generator] = None, distributed: Optional[bool] = None,
+                 tasks: Optional[Sequence[str]] = None):
         if level not in ("param", "rep"):
             raise ValueError(f"balancer.level: expected 'param' or 'rep', got {level!r}")
+        super().__init__(tasks if tasks is not None else [f"task{t}" for t in range(len(task_params))])
         self.aggregator = aggregator
         self.shared = [p for p in shared if p.requires_grad]
         self.task_params = [[p for p in ps if p.requires_grad] for ps in task_params]
@@ -90,18 +121,54 @@ class GradientBalancer:
         self._head_grads: Optional[list[Tensor]] = None
         self._combined: Optional[list[Tensor]] = None  # the op's output: contiguous, dims in memory order
         self._combined_grads: Optional[list[Tensor]] = None  # the same storage as the parameters' .grad
-        self.last_weights: Optional[Tensor] = None  # [T] on the device: what the gradients were combined with
-        self.last_weights_host: Optional[Tensor] = None  # the method's [T], float64 on the host, unclipped
-        self.last_gram: Optional[Tensor] = None
-        self.last_gram_host: Optional[Tensor] = None  # float64, unscaled, summed across processes
-        self.last_gram_finite: bool = True
-        self.last_read: Optional[Tensor] = None  # ``read_with_gram`` of the last backward, on the host
-        self.last_grad_norm: Optional[float] = None  # total norm before clipping (``max_norm`` given)
+
+    # ------------------------------------------------------------------------------------------------
+    # The Balancer interface
+
+    def forward(self, model, images: Tensor) -> Forward:
+        """At the ``rep`` level the heads run on detached copies of the shared features, so that the
+        per-task backward passes stop there; at the ``param`` level a plain forward."""
+        if self.level == "param":
+            return Forward(model(images))
+        features = model.forward_features(images)
+        head_inputs = [f.detach().requires_grad_() for f in features]
+        return Forward(model.forward_heads(head_inputs, images.shape[-2:]), features, head_inputs)
+
+    def backward(self, losses, mean_losses, forward, extra=None, *, scaler=None, max_norm=None) -> BalanceResult:
+        fp16 = scaler is not None and scaler.is_enabled()
+        T = len(self.tasks)
+        # the logged values come back with the Gramian (the step's one wait for the device)
+        read = torch.cat([mean_losses.float(), mean_losses.float().sum().view(1),
+                          *([] if extra is None else [extra.float().reshape(-1)])])
+        fold_clip = max_norm is not None and self.level == "param" and not fp16
+        if self.level == "rep":  # the weighted backward through the backbone accumulates: start clean
+            for p in [*self.shared, *self._heads]:
+                p.grad = None
+        c = self.combine(scaler.scale(losses) if fp16 else losses, [forward.outputs[t] for t in self.tasks],
+                         forward.features, forward.head_inputs, 1.0 / scaler.get_scale() if fp16 else None,
+                         read_with_gram=read, max_norm=max_norm if fold_clip else None)
+        host = c.read.tolist()
+        values = {t: host[i] for i, t in enumerate(self.tasks)}
+        values["total"] = host[T]
+        values.update({f"weight/{t}": float(w) for t, w in zip(self.tasks, c.weights_host.tolist())})
+        # a non-finite loss makes a non-finite Gramian; with fp16 the scaler finds those itself
+        skip = not math.isfinite(host[T]) or (not fp16 and not c.finite)
+        if c.grad_norm is not None:
+            skip = skip or not math.isfinite(c.grad_norm)
+        return BalanceResult(values, host[T + 1:], skip=skip, clipped=fold_clip, grad_norm=c.grad_norm)
+
+    def state_dict(self):
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"].cpu())
+
+    # ------------------------------------------------------------------------------------------------
+    # The per-task gradients, the Gramian and the combination
 
     def _world_size(self) -> int:
-        if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size()
+        return 1 if self.distributed is False else world_size()
 
     def _param_buffers(self, T: int) -> list[Tensor]:
         """Per shared parameter a [T, *p.shape] buffer, and per head parameter a gradient buffer, all
@@ -130,7 +197,6 @@ class GradientBalancer:
         if self._world_size() > 1:
             dist.all_reduce(tensor)
             tensor.div_(self._world_size())
-
     def _per_task_grads(self, losses: Tensor, outputs: Sequence[Tensor], inputs: Sequence[Tensor],
                         rows: Sequence[Sequence[Tensor]]) -> None:
         """``rows[t][k]`` := d losses[t] / d inputs[k]; task parameters' .grad := their task's gradient.
@@ -166,10 +232,10 @@ class GradientBalancer:
 
     def _solve_on_host(self, buffers: Sequence[Tensor], inv_scale: Optional[float],
                        sum_across_processes: bool = False, read_with_gram: Optional[Tensor] = None,
-                       extra: Optional[Tensor] = None) -> Optional[float]:
-        """The method's weights from the Gramian of ``buffers``, solved on the host
-        (``self.last_weights_host``, float64). ``read_with_gram`` comes to the host in the same copy
-        (``self.last_read``), and so does the scalar ``extra``, whose value is returned."""
+                       extra: Optional[Tensor] = None) -> tuple[GradientCombination, Optional[float]]:
+        """The method's weights from the Gramian of ``buffers``, solved on the host (``weights`` is
+        still the host copy here). ``read_with_gram`` comes to the host in the same copy, and so does
+        the scalar ``extra``, whose value is returned second."""
         gram = gram_matrix(buffers)
         if sum_across_processes and self._world_size() > 1:
             # feature gradients of different samples are different coordinates: the global Gramian
@@ -178,7 +244,6 @@ class GradientBalancer:
             gram = gram / (self._world_size() ** 2)
         if inv_scale is not None:
             gram = gram * (inv_scale * inv_scale)
-        self.last_gram = gram
         # The T x T problem is solved on the host: one copy of T^2 numbers each way per step, instead of
         # the hundreds of tiny kernel launches an iterative solver makes on a GPU (measured on an H100:
         # MGDA / CAGrad / UPGrad steps 1.5-2.4x the passes they need when solved on the device). The
@@ -189,56 +254,51 @@ class GradientBalancer:
                                                 if x is not None]
         packed = torch.cat([x.to(torch.float64) for x in parts]).cpu()
         gram_host = packed[: T * T].view(T, T)
-        self.last_read = None if read_with_gram is None else packed[T * T: T * T + read_with_gram.numel()]
-        self.last_gram_host = gram_host
-        self.last_gram_finite = bool(torch.isfinite(gram_host).all())
-        if self.last_gram_finite:
+        read = None if read_with_gram is None else packed[T * T: T * T + read_with_gram.numel()]
+        finite = bool(torch.isfinite(gram_host).all())
+        if finite:
             w = self.aggregator.weights(gram_host, self.generator)
         else:  # the caller skips this step; no solver sees a NaN
             w = torch.zeros(T, dtype=torch.float64)
-        self.last_weights_host = w
-        return None if extra is None else float(packed[-1])
+        result = GradientCombination(w, w, gram_host, finite, read)
+        return result, None if extra is None else float(packed[-1])
 
-    def _to_device(self, w_host: Tensor) -> Tensor:
-        self.last_weights = w_host.to(self.last_gram.device, torch.float32, non_blocking=True)
-        return self.last_weights
-
-    def _clip_factor(self, head_grads: Sequence[Tensor], head_norm: float, max_norm: float) -> float:
+    @staticmethod
+    def _clip_factor(c: GradientCombination, head_grads: Sequence[Tensor], head_norm: float,
+                     max_norm: float) -> float:
         """``torch.nn.utils.clip_grad_norm_``'s factor for the combined shared gradient and the heads'
         gradients, with no pass over the shared gradient: its squared norm is ``w^T G w`` from the
         Gramian on the host. Scales the heads' gradients in place; the caller scales the weights."""
-        w, gram = self.last_weights_host, self.last_gram_host
+        w, gram = c.weights_host, c.gram_host
         total = math.sqrt(max(float(w @ gram @ w), 0.0) + head_norm * head_norm)
-        self.last_grad_norm = total
+        c.grad_norm = total
         factor = min(1.0, max_norm / (total + 1e-6))
         if factor < 1.0 and head_grads:
             torch._foreach_mul_(list(head_grads), factor)
         return factor
 
-    def backward(self, losses: Tensor, outputs: Sequence[Tensor], features: Optional[Sequence[Tensor]] = None,
-                 head_inputs: Optional[Sequence[Tensor]] = None, inv_scale: Optional[float] = None,
-                 read_with_gram: Optional[Tensor] = None, max_norm: Optional[float] = None) -> Tensor:
-        """Sets ``.grad`` of every shared and task parameter; returns the weights ``[T]`` (on the device) the
-        shared gradients were combined with: the method's, times the clip factor when ``max_norm`` clips.
+    def combine(self, losses: Tensor, outputs: Sequence[Tensor], features: Optional[Sequence[Tensor]] = None,
+                head_inputs: Optional[Sequence[Tensor]] = None, inv_scale: Optional[float] = None,
+                read_with_gram: Optional[Tensor] = None, max_norm: Optional[float] = None) -> GradientCombination:
+        """Sets ``.grad`` of every shared and task parameter from the per-task gradients combined with the
+        method's weights; returns what was decided (:class:`GradientCombination`).
 
         ``losses``: the per-task losses ``[T]`` (graph alive; scaled under fp16); ``outputs``: each
         task's prediction, in the same order (task t's loss depends on ``outputs[t]`` only). At the
         ``rep`` level also ``features`` (the backbone/neck outputs, graph alive) and ``head_inputs``
         (the detached leaves the heads were run on). ``read_with_gram``: a small tensor brought to the
-        host together with the Gramian (``self.last_read``, float64).
+        host together with the Gramian (``read``, float64).
 
         ``max_norm`` (parameter level, unscaled losses): clip the gradients this sets to that total L2
         norm, as ``torch.nn.utils.clip_grad_norm_`` would after this backward, but folded into the
         weights: the combined gradient's squared norm is ``w^T G w`` and the heads' norm comes back
-        with the Gramian, so clipping costs no pass over the gradients and no wait for the device
-        (``self.last_grad_norm``: the norm before clipping, on the host).
+        with the Gramian, so clipping costs no pass over the gradients and no wait for the device.
 
-        A non-finite Gramian (``self.last_gram_finite`` false) gets no solve and zero weights: the
-        caller is to skip the step.
+        A non-finite Gramian (``finite`` false) gets no solve and zero weights: the caller is to skip
+        the step.
         """
         if max_norm is not None and (self.level != "param" or inv_scale is not None):
-            raise ValueError("GradientBalancer.backward: max_norm needs level='param' and unscaled losses")
-        self.last_grad_norm = None
+            raise ValueError("GradientBalancer.combine: max_norm needs level='param' and unscaled losses")
         if self.level == "param":
             buffers = self._param_buffers(losses.shape[0])
             self._per_task_grads(losses, outputs, self.shared, self._rows)
@@ -252,28 +312,27 @@ class GradientBalancer:
             if max_norm is not None:  # comes to the host with the Gramian
                 head_norm = buffers[0].new_zeros(()) if not heads else torch.linalg.vector_norm(
                     torch.stack(torch._foreach_norm([p.grad for p in heads])))
-            head_norm = self._solve_on_host(buffers, inv_scale, read_with_gram=read_with_gram,
-                                            extra=head_norm)
-            w_host = self.last_weights_host
-            if self.last_gram_finite and max_norm is not None:
-                w_host = w_host * self._clip_factor([p.grad for p in heads], head_norm, max_norm)
-            w = self._to_device(w_host)
-            if not self.last_gram_finite:
-                return w
-            weighted_sum(buffers, w, out=self._combined)
+            c, head_norm = self._solve_on_host(buffers, inv_scale, read_with_gram=read_with_gram, extra=head_norm)
+            w_host = c.weights_host
+            if c.finite and max_norm is not None:
+                w_host = w_host * self._clip_factor(c, [p.grad for p in heads], head_norm, max_norm)
+            c.weights = w_host.to(buffers[0].device, torch.float32, non_blocking=True)
+            if not c.finite:
+                return c
+            weighted_sum(buffers, c.weights, out=self._combined)
             for p, g in zip(self.shared, self._combined_grads):
                 p.grad = g
-            return w
+            return c
         if features is None or head_inputs is None:
-            raise ValueError("GradientBalancer(level='rep').backward needs features and head_inputs")
+            raise ValueError("GradientBalancer(level='rep').combine needs features and head_inputs")
         T = losses.shape[0]
         buffers = [f.new_empty((T, *f.shape)) for f in head_inputs]
         self._per_task_grads(losses, outputs, head_inputs, [[buf[t] for buf in buffers] for t in range(T)])
-        self._solve_on_host(buffers, inv_scale, sum_across_processes=True, read_with_gram=read_with_gram)
-        w = self._to_device(self.last_weights_host)
-        if not self.last_gram_finite:
-            return w
-        torch.autograd.backward(list(features), weighted_sum(buffers, w))
+        c, _ = self._solve_on_host(buffers, inv_scale, sum_across_processes=True, read_with_gram=read_with_gram)
+        c.weights = c.weights_host.to(buffers[0].device, torch.float32, non_blocking=True)
+        if not c.finite:
+            return c
+        torch.autograd.backward(list(features), weighted_sum(buffers, c.weights))
         if self._world_size() > 1:  # the local batch's share of every parameter's gradient, averaged
             params = [*self.shared, *self._heads]
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -284,4 +343,4 @@ class GradientBalancer:
             torch._foreach_copy_(grads, [v.view(p.shape) for v, p in zip(averaged, params)])
             for p, g in zip(params, grads):
                 p.grad = g
-        return w
+        return c

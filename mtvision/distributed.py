@@ -1,4 +1,6 @@
-"""torch.distributed plumbing for training launched by ``torchrun`` (no home-made launcher).
+"""torch.distributed plumbing, the one place engine, balancing, losses and evaluation ask about processes.
+
+Training is launched by ``torchrun`` (no home-made launcher).
 
 ``torchrun`` sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 :func:`init_distributed` reads them and starts the default process group (NCCL with one GPU per process,
@@ -10,13 +12,15 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "dist_env", "all_gather_objects", "broadcast_parameters"]
+__all__ = ["DistEnv", "init_distributed", "dist_env", "dist_ready", "world_size", "all_reduce_sum",
+           "mean_over_processes", "all_gather_objects", "broadcast_parameters", "broadcast_buffers"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,16 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def dist_ready() -> bool:
+    """True when torch.distributed is available, initialised and has more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """The number of processes of the default group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def dist_env() -> DistEnv:
@@ -86,8 +100,65 @@ def all_gather_objects(obj: Any) -> list[Any]:
 def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every process (what DDP does at construction), for
     models trained without the DDP wrapper (gradient-balancing methods reduce gradients themselves)."""
-    if not dist_env().distributed:
+    _broadcast([*module.parameters(), *module.buffers()], src)
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every process, so that what is
+    evaluated and saved is the same model on every process: each process updates its running
+    statistics from its own local batches, and DDP only re-broadcasts them at the next forward."""
+    _broadcast(list(module.buffers()), src)
+
+
+def _broadcast(tensors: Sequence[torch.Tensor], src: int) -> None:
+    if not dist_ready():
         return
     with torch.no_grad():
-        for t in [*module.parameters(), *module.buffers()]:
+        for t in tensors:
             dist.broadcast(t.data, src)
+
+
+def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` averaged over every process (``t`` itself with a single process)."""
+    if not dist_ready():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t.div_(dist.get_world_size())
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    # NCCL only moves CUDA tensors; a metric that never saw a batch on this rank still holds its
+    # zero state on the CPU, so it is sent through the current CUDA device instead.
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Return copies of ``tensors`` summed (SUM) over all processes; the inputs are never modified.
+
+    Without an initialised process group (or with one process) the copies are returned as they are.
+    Tensors of the same dtype are packed into one buffer, so there is one collective per dtype; every
+    process must call this with the same shapes and dtypes in the same order. Results come back on
+    each input's own device. (Metrics keep only additive state, so the whole-set result is a function
+    of the sum of every process's state.)
+    """
+    out = [t.detach().clone() for t in tensors]
+    if not dist_ready() or not out:
+        return out
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(out):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    # Iterate dtypes in a fixed order so every rank issues the collectives identically.
+    for dtype in sorted(by_dtype, key=str):
+        idx = by_dtype[dtype]
+        device = _comm_device(out[idx[0]].device)
+        flat = torch.cat([out[i].reshape(-1).to(device) for i in idx])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for i in idx:
+            n = out[i].numel()
+            out[i] = flat[offset:offset + n].reshape(out[i].shape).to(out[i].device)
+            offset += n
+    return out

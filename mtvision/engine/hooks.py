@@ -1,0 +1,265 @@
+"""What the training loop does around its steps, one hook each: stop on a signal, the non-finite-step
+policy, the log / TensorBoard / progress bar, evaluation with the best checkpoint, and the periodic,
+final, stop and crash checkpoints.
+
+The loop (:meth:`mtvision.engine.trainer.Trainer.train`) calls, for every hook in order,
+``before_train()`` once, ``after_step(outcome)`` after every step, ``on_exception(exc)`` when the run
+fails, and ``after_train()`` at the end whatever happened. A hook reads and writes the trainer it is
+given (``hook.trainer``); pass your own with ``Trainer(cfg, hooks=[...])``.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Optional
+
+from tqdm import tqdm
+
+from ..distributed import broadcast_buffers
+from .evaluator import primary_score
+from .logging import ScalarWriter, setup_logger
+from .utils import write_json
+
+if TYPE_CHECKING:
+    from .trainer import StepOutcome, Trainer
+
+__all__ = ["HookBase", "SignalHook", "NonFiniteHook", "MetricWriterHook", "EvalHook", "CheckpointHook",
+           "TrainingError", "default_hooks"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why and what to try."""
+
+
+class HookBase:
+    """A hook of the training loop; every method does nothing unless overridden."""
+
+    trainer: "Trainer"
+
+    def before_train(self) -> None:
+        pass
+
+    def after_step(self, outcome: "StepOutcome") -> None:
+        pass
+
+    def on_exception(self, exc: BaseException) -> None:
+        pass
+
+    def after_train(self) -> None:
+        pass
+
+
+def _due(iteration: int, interval: int, last: int) -> bool:
+    return iteration % interval == 0 or iteration == last
+
+
+class SignalHook(HookBase):
+    """SIGTERM / SIGINT ask the loop to stop after the current step (``trainer.stop_signal``; every process
+    learns of it through the step's collective); a second SIGINT interrupts at once. Handlers are
+    installed from the main thread only and restored after training."""
+
+    def __init__(self):
+        self._previous: dict = {}
+
+    def before_train(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request_stop(signum, frame):
+            if signum == signal.SIGINT and self.trainer.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.trainer.stop_signal = signum
+
+        self._previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def after_step(self, outcome) -> None:
+        if outcome.stop:
+            sig = self.trainer.stop_signal
+            self.trainer.stopped_by = signal.Signals(sig).name if sig else "peer"
+
+    def after_train(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+class NonFiniteHook(HookBase):
+    """A step whose loss or gradient is not finite was skipped (no update): count it, log it, and after
+    ``train.max_consecutive_skips`` in a row raise :class:`TrainingError`."""
+
+    def after_step(self, outcome) -> None:
+        t = self.trainer
+        if not outcome.skipped:
+            t.consecutive_skips = 0
+            return
+        t.skipped_steps += 1
+        t.consecutive_skips += 1
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome.values.items())
+        if t.logger is not None:
+            t.logger.warning("iter %d: non-finite loss or gradient (%s); step skipped (%d so far, %d in a row)",
+                             t.iteration, shown, t.skipped_steps, t.consecutive_skips)
+        limit = t.cfg.train.max_consecutive_skips
+        if t.consecutive_skips >= limit:
+            raise TrainingError(
+                f"{t.consecutive_skips} non-finite steps in a row at iteration {t.iteration} "
+                f"(train.max_consecutive_skips = {limit}); last losses: {shown}. "
+                "Try a lower optimizer.lr, train.grad_clip, train.amp=none, or check the data.")
+
+
+class MetricWriterHook(HookBase):
+    """The run's outputs on rank 0: the work dir with ``config.yaml``, ``train.log`` (also on the
+    console), TensorBoard scalars under ``tb/``, the progress bar, the running means of the logged
+    values every ``train.log_interval`` steps, and ``metrics.json`` when the schedule completes."""
+
+    def __init__(self, console: bool = True, progress: Optional[bool] = None):
+        self.console, self.progress = console, progress
+        self.bar = None
+        self._sums: dict[str, float] = defaultdict(float)
+        self._count = 0
+        self._t_log = self._t_start = 0.0
+        self._last_log_iter = 0
+        self._data_seconds = 0.0
+
+    def before_train(self) -> None:
+        t = self.trainer
+        self._t_start = self._t_log = time.perf_counter()
+        self._last_log_iter = t.iteration
+        self._data_seconds = t.data_seconds
+        if not t.is_main:
+            return
+        from ..config import save_config
+
+        t.work_dir.mkdir(parents=True, exist_ok=True)
+        save_config(t.cfg, t.work_dir / "config.yaml")
+        t.logger = setup_logger(t.work_dir, console=self.console)
+        t.writer = ScalarWriter(t.work_dir / "tb")
+        t.log_setup()
+        show = None if self.progress is None else self.progress
+        self.bar = tqdm(total=t.cfg.train.max_iters, initial=t.iteration, desc="train", dynamic_ncols=True,
+                        disable=None if show is None else not show, leave=False)
+
+    def after_step(self, outcome) -> None:
+        t = self.trainer
+        if not outcome.skipped:
+            for k, v in outcome.values.items():
+                self._sums[k] += v
+            self._count += 1
+        for name in outcome.skipped_files:
+            if name not in t.skipped_files and t.writer is not None:  # named once, counted every time
+                t.logger.warning("skipped an unreadable sample (data.skip_bad): %s", name)
+                t.writer.add_text("data/skipped", name, t.iteration)
+            t.skipped_files[name] = t.skipped_files.get(name, 0) + 1
+        t.skipped_samples += len(outcome.skipped_files)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{outcome.values.get('total', math.nan):.3f}", refresh=False)
+        if t.writer is not None and _due(t.iteration, t.cfg.train.log_interval, t.cfg.train.max_iters):
+            self._log()
+
+    def _log(self) -> None:
+        t = self.trainer
+        means = {k: v / max(self._count, 1) for k, v in self._sums.items()}
+        steps = max(t.iteration - self._last_log_iter, 1)
+        ms = (time.perf_counter() - self._t_log) / steps * 1e3
+        data_ms = (t.data_seconds - self._data_seconds) / steps * 1e3
+        lr = t.optimizer.param_groups[-1]["lr"]
+        t.writer.add_scalars("train", {k if k.startswith("weight/") else f"loss/{k}": v
+                                       for k, v in means.items()}, t.iteration)
+        t.writer.add_scalars("train", {"lr": lr, "skipped_steps": t.skipped_steps,
+                                       "skipped_samples": t.skipped_samples, "ms_per_iter": ms,
+                                       "data_ms_per_iter": data_ms}, t.iteration)
+        losses = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "total" and "/" not in k)
+        weights = " ".join(f"{k[7:]} {v:.3f}" for k, v in means.items() if k.startswith("weight/"))
+        if weights:
+            losses += f"; weights {weights}"
+        bad = f", skipped samples {t.skipped_samples}" if t.skipped_samples else ""
+        t.logger.info("iter %d/%d  epoch %d  lr %.3g  loss %.4f (%s)  %.0f ms/it (data %.0f)  skipped steps %d%s",
+                      t.iteration, t.cfg.train.max_iters, t.epoch, lr, means.get("total", math.nan), losses, ms,
+                      data_ms, t.skipped_steps, bad)
+        self._sums.clear()
+        self._count, self._t_log, self._last_log_iter = 0, time.perf_counter(), t.iteration
+        self._data_seconds = t.data_seconds
+
+    def after_train(self) -> None:
+        t = self.trainer
+        if self.bar is not None:
+            self.bar.close()
+        if t.is_main and t.iteration >= t.cfg.train.max_iters and t.stopped_by is None:
+            seconds = time.perf_counter() - self._t_start
+            summary = t.summary(seconds)
+            write_json(summary, t.work_dir / "metrics.json")
+            t.logger.info("done: %d iterations in %.1fs (step %.0f ms/it, data wait %.0f ms/it); %d steps skipped "
+                          "(non-finite), %d samples skipped (unreadable); best @ %s (score %.4f); outputs in %s",
+                          t.iteration, seconds, summary["step_ms_per_iter"], summary["data_wait_ms_per_iter"],
+                          t.skipped_steps, t.skipped_samples, t.best["iteration"], t.best["score"], t.work_dir)
+        if t.writer is not None:
+            t.writer.close()
+
+
+class EvalHook(HookBase):
+    """Every ``train.eval_interval`` steps and at the end: the validation metrics (history,
+    ``last_metrics``), and ``checkpoints/best.pth`` when the primary score improves. BatchNorm running
+    statistics are first made equal on every process (rank 0's), so what is evaluated is what is saved."""
+
+    def after_step(self, outcome) -> None:
+        t = self.trainer
+        if t.stopped_by is not None or not _due(t.iteration, t.cfg.train.eval_interval, t.cfg.train.max_iters):
+            return
+        broadcast_buffers(t.model)
+        t0 = time.perf_counter()
+        metrics = t.evaluate()
+        t.last_metrics = metrics
+        t.history.append({"iteration": t.iteration, **metrics})
+        score = primary_score(metrics, t.tasks)
+        improved = score > t.best["score"]
+        if improved:
+            t.best = {"iteration": t.iteration, "score": score, "metrics": metrics}
+        if t.logger is not None:
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.count("/") == 1)
+            t.logger.info("eval @ %d (%.1fs): %s  score %.4f%s", t.iteration, time.perf_counter() - t0, shown,
+                          score, "  (best)" if improved else "")
+            t.writer.add_scalars("val", {**metrics, "score": score}, t.iteration)
+        if improved:
+            t.save("best", metrics, full=t.cfg.train.full_best_checkpoint)
+
+
+class CheckpointHook(HookBase):
+    """``checkpoints/last.pth`` every ``train.checkpoint_interval`` steps, at the end, when stopped by a
+    signal, and when the run fails after it started (the error is re-raised after the save)."""
+
+    def after_step(self, outcome) -> None:
+        t = self.trainer
+        if t.stopped_by is not None:
+            broadcast_buffers(t.model)
+            t.save("last")
+            if t.logger is not None:
+                t.logger.warning("stopped by %s at iteration %d; saved checkpoints/last.pth (resume with "
+                                 "python tools/train.py %s --resume)", t.stopped_by, t.iteration,
+                                 t.work_dir / "config.yaml")
+        elif _due(t.iteration, t.cfg.train.checkpoint_interval, t.cfg.train.max_iters):
+            broadcast_buffers(t.model)
+            t.save("last")
+
+    def on_exception(self, exc: BaseException) -> None:
+        """Save what was trained before the error, without collectives (a peer may be gone or stuck):
+        rank 0 writes, with its own random state, at the data position of the step that failed."""
+        t = self.trainer
+        if not t.is_main or t.iteration == 0 or t.logger is None:
+            return
+        try:
+            path = t.save("last", gather=False)
+            t.logger.error("run failed at iteration %d (%s: %s); saved %s (resume with --resume)", t.iteration,
+                           type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "",
+                           path)
+        except Exception as save_error:  # noqa: BLE001 - the original error is the one to report
+            t.logger.error("run failed at iteration %d and last.pth could not be written: %s", t.iteration,
+                           save_error)
+
+
+def default_hooks(console: bool = True, progress: Optional[bool] = None) -> list[HookBase]:
+    """The loop's built-in hooks, in the order they run after a step."""
+    return [SignalHook(), NonFiniteHook(), MetricWriterHook(console, progress), EvalHook(), CheckpointHook()]
