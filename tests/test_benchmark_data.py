@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,6 +67,7 @@ def test_benchmark_solve_rows(tmp_path):
     assert all(r["host_ms"] > 0 and r["shape"] in ("T3", "T10") for r in rows)
 
 
+@pytest.mark.slow
 def test_benchmark_step_rows_on_the_host_bound_setup(tmp_path, monkeypatch):
     """The step rows run end to end (the host-bound setup only, three methods): each row has its
     ratios, operator counts, and the issue's limit with whether the ratio is within it."""

@@ -90,6 +90,7 @@ def test_delta_tool_row_without_a_metric_and_bad_files(files, capsys):
     assert rc == 2 and "metrics file not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_with_baselines(trained, tmp_path, capsys):
     config, work = trained
     summary = json.loads((work / "metrics.json").read_text())["final"]
@@ -113,6 +114,7 @@ def test_eval_with_baselines(trained, tmp_path, capsys):
     assert result["delta_m"] == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_baselines_errors(trained, tmp_path, capsys):
     config, work = trained
     ckpt = str(work / "checkpoints" / "last.pth")
@@ -129,6 +131,7 @@ def test_eval_baselines_errors(trained, tmp_path, capsys):
     assert rc == 2 and "with data.keep_ratio the logits hold padding" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_cityscapes_export_matches_the_official_script(tmp_path, capsys):
     """Train 2 iterations on a Cityscapes fixture at its own size, so tools/eval.py's mIoU (at the config's
     size) is at full resolution too and must equal the official script's on the exported folder."""

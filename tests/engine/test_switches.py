@@ -42,12 +42,14 @@ def test_channels_last_trains_the_same_model(tmp_path, method):
     assert nhwc.skipped_steps == 0 and _max_diff(ref, nhwc) < 1e-4
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains(tmp_path):
     t = _train(tmp_path, "bf16", ["train.amp=bf16", "balancer.name=pcgrad"])
     assert t.skipped_steps == 0
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
 
 
+@pytest.mark.slow
 def test_compiled_model_matches_eager(tmp_path):
     # rep-level MGDA: several backward passes through the compiled graph (retain_graph)
     over = ["balancer.name=mgda", "balancer.level=rep"]
@@ -84,6 +86,7 @@ def _custom_data(tmp_path: Path, corrupt: bool) -> list[str]:
     return ["data.dataset=custom", f"data.root={root}", "data.num_classes=6"]
 
 
+@pytest.mark.slow
 def test_bad_samples_stop_with_the_file_named_or_are_skipped_and_counted(tmp_path):
     data = _custom_data(tmp_path, corrupt=True)
     t = Trainer(tiny_config(tmp_path, [*STEPS, f"work_dir={tmp_path / 'strict'}", *data]), console=False,

@@ -305,6 +305,7 @@ def _worker(rank, init_file, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_gloo_processes_match_one_process(tmp_path):
     run_two_processes(_worker, tmp_path)

@@ -38,6 +38,7 @@ def dynamic_file(tmp_path_factory):
     return model, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(2, 3, 32, 48), (1, 3, 48, 49), (3, 3, 64, 32)])
 def test_file_matches_pytorch_at_any_batch_and_size(dynamic_file, shape):
     model, path = dynamic_file
@@ -51,6 +52,7 @@ def test_file_matches_pytorch_at_any_batch_and_size(dynamic_file, shape):
     assert outs["normal"].shape == (shape[0], 3, *shape[2:])
 
 
+@pytest.mark.slow
 def test_metadata_says_what_the_file_takes_and_gives(dynamic_file):
     _, path = dynamic_file
     meta = read_onnx_metadata(path)
@@ -63,6 +65,7 @@ def test_metadata_says_what_the_file_takes_and_gives(dynamic_file):
     assert "mean) / std" in meta["input"]
 
 
+@pytest.mark.slow
 def test_export_leaves_the_model_as_it_was(tmp_path):
     model = tiny_model().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -72,6 +75,7 @@ def test_export_leaves_the_model_as_it_was(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats too
 
 
+@pytest.mark.slow
 def test_raw_input_file_normalises_in_the_graph(tmp_path):
     model = tiny_model()
     path = export_onnx(model, tmp_path / "raw.onnx", (32, 48), mean=MEAN, std=STD, raw_input=True)
@@ -86,6 +90,7 @@ def test_raw_input_file_normalises_in_the_graph(tmp_path):
     assert max(check_onnx(path, model, rgb).values()) < 1e-4  # reads raw_input from the metadata
 
 
+@pytest.mark.slow
 def test_static_batch_file_has_a_fixed_batch(tmp_path):
     import onnxruntime
 
@@ -96,12 +101,14 @@ def test_static_batch_file_has_a_fixed_batch(tmp_path):
         onnx_outputs(path, torch.randn(2, 3, 64, 64))
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_run_at_the_size_gets_the_cause(tmp_path):
     # batch 1 at 32x32: the stride-32 level is 1x1 and GroupNorm has one value per group
     with pytest.raises(ExportError, match=r"static\.onnx failed: ValueError: Expected more than 1 value"):
         export_onnx(tiny_model(), tmp_path / "static.onnx", (32, 32), dynamic_batch=False)
 
 
+@pytest.mark.slow
 def test_check_names_the_output_that_differs(dynamic_file):
     model, path = dynamic_file
     changed = tiny_model()
@@ -111,6 +118,7 @@ def test_check_names_the_output_that_differs(dynamic_file):
         check_onnx(path, changed, torch.randn(1, 3, 32, 48))
 
 
+@pytest.mark.slow
 def test_dilated_backbone_with_deeplab_heads_exports(tmp_path):
     """The LibMTL / MTAN protocol model's shape: dilated backbone, no neck, one DeepLab head per task."""
     model = tiny_model(
@@ -123,6 +131,7 @@ def test_dilated_backbone_with_deeplab_heads_exports(tmp_path):
     assert list(diffs) == ["seg", "depth"]
 
 
+@pytest.mark.slow
 def test_vit_exports_with_sizes_in_multiples_of_the_patch(tmp_path):
     model = tiny_model(backbone={"name": "vit_tiny_patch16_224", "pretrained": None, "out_indices": [2]})
     assert size_multiple(model) == 16

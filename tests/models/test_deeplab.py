@@ -212,6 +212,7 @@ def test_model_without_neck_shapes_and_parameter_groups():
     assert with_fpn.has_neck and with_fpn(torch.randn(1, 3, 32, 32))["seg"].shape == (1, 13, 32, 32)
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_backbone_parameter_from_each_task():
     torch.manual_seed(0)
     model = build_model(_deeplab_cfg()).train()
@@ -261,6 +262,7 @@ def test_representation_level_gradients_through_detached_features():
     assert all(p.grad is not None for p in model.shared_parameters())
 
 
+@pytest.mark.slow
 def test_tiny_training_steps_lower_the_loss_and_batch_one_works():
     torch.manual_seed(0)
     model = build_model(_deeplab_cfg(channels=16))

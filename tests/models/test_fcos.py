@@ -207,6 +207,8 @@ def _global_batch():
     return out, list(boxes), list(labels)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_processes_give_the_global_batch_gradient(tmp_path):
     """Under DDP (gradients averaged over 2 processes) the normalisers are global: the averaged gradient
@@ -260,6 +262,7 @@ def test_decoding_boxes_scores_nms_and_clipping():
 # --------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_the_boxes_of_a_few_scenes():
     """Overfitting four synthetic scenes: the decoded boxes find their objects (AP50 far above chance)."""
     torch.manual_seed(0)
