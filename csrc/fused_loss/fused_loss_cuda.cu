@@ -43,7 +43,7 @@ struct ForwardArgs {
   typename AccType<T>::type* lse;  // [B * P] of the segmentation task
   double* partial_sums;      // [gridDim.x, 3]
   int64_t* partial_counts;   // [gridDim.x, 3]
-  unsigned int* blocks_done; // zero on entry, reset to zero by the last block
+  unsigned int* blocks_done; // completed blocks; zeroed by the host before each launch
   typename AccType<T>::type* losses;  // [3], float32 (float64 for float64 inputs)
   int64_t* counts;           // [3]
 };
@@ -218,7 +218,6 @@ __global__ void __launch_bounds__(kThreads) fused_loss_forward_kernel(ForwardArg
     a.losses[k] = static_cast<typename AccType<T>::type>(c > 0 ? s / static_cast<double>(c) : 0.0);
     a.counts[k] = c;
   }
-  if (threadIdx.x == 0) *a.blocks_done = 0;
 }
 
 template <typename T>
