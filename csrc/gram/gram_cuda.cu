@@ -46,7 +46,7 @@ __device__ __forceinline__ int find_chunk(const ChunkDesc* table, int num_chunks
 template <typename T, int MAXT>
 __global__ void __launch_bounds__(kThreads) gram_kernel(const ChunkDesc* table, int num_chunks, int T_,
                                                         typename AccType<T>::type* partials,
-                                                        unsigned int* blocks_done,  // zeroed per launch by the host
+                                                        unsigned int* blocks_done,  // zeroed by the host
                                                         typename AccType<T>::type* out) {
   using acc_t = typename AccType<T>::type;
   constexpr int NP = MAXT * (MAXT + 1) / 2;
