@@ -3,6 +3,8 @@
 #                  ONNX export extras) and its C++/CUDA ops
 #   make demo      install, then train on the built-in synthetic scenes, evaluate, write pictures
 #   make test      install, then pytest and the C++ tests (ctest)
+#   make test-fast install, then the tests marked neither slow (subprocesses, real training runs) nor
+#                  distributed (several processes): about a minute on 2 cores; no ctest
 #   make bench     tools/benchmark.py (ops and training steps against their baselines)
 # CUDA kernels are compiled whenever a CUDA toolkit is found (nvcc, or CUDA_HOME); MTV_CPU_ONLY=1
 # skips them, FORCE_CUDA=1 insists. TORCH_CUDA_ARCH_LIST picks the GPU architectures (default 8.0;9.0).
@@ -19,7 +21,7 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 # re-runs the configure step after a source file is added.
 CMAKE_ENV := TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}"
 
-.PHONY: install demo test pytest ctest bench clean
+.PHONY: install demo test test-fast pytest ctest bench clean
 
 install: $(STAMP)
 
@@ -40,6 +42,9 @@ test: pytest ctest
 
 pytest: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not distributed"
 
 # GoogleTest comes from Debian's libgtest-dev; installed here when missing and we may (root + apt).
 ctest: $(STAMP)
