@@ -4,8 +4,8 @@ tasks against the model's heads, the input size against the backbone."""
 from __future__ import annotations
 
 import math
+import os
 import random
-import signal
 from typing import Any
 
 import numpy as np
@@ -49,12 +49,14 @@ def seed_everything(seed: int) -> None:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: derive ``random`` and NumPy seeds from the worker's torch seed
-    (itself drawn from the loader's generator), so augmentation randomness repeats run to run; and
-    ignore SIGTERM / SIGINT, so that a signal to the whole process group (Slurm, Kubernetes, Ctrl-C,
-    torchrun) reaches the main process, which finishes its step, saves and shuts the workers down,
-    instead of killing the workers under it."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    (itself drawn from the loader's generator), so augmentation randomness repeats run to run.
+
+    The worker also leaves the trainer's process group: a signal to the whole group (Slurm's and
+    Kubernetes' SIGTERM, Ctrl-C's SIGINT, torchrun's forwarding) then reaches the main process only,
+    which finishes its step, saves and shuts the workers down, instead of the workers dying under it.
+    Signals sent to the worker itself (the loader's and multiprocessing's shutdown) still end it; a worker
+    whose main process is gone exits by itself (torch's worker watchdog)."""
+    os.setpgrp()
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..distributed import all_gather_objects
 from ..tasks import build_tasks, metric_direction, primary_metric_key
 
 __all__ = ["build_metrics", "evaluate", "evaluate_model", "primary_score", "scalar_metrics"]
@@ -35,7 +36,8 @@ def evaluate(predict: Callable[[Tensor], Mapping[str, Tensor]], loader: Iterable
              num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu",
              class_names: Optional[Sequence[str]] = None,
              on_batch: Optional[Callable[[dict, Mapping[str, Tensor]], None]] = None,
-             heads: Optional[Mapping[str, nn.Module]] = None) -> dict[str, float]:
+             heads: Optional[Mapping[str, nn.Module]] = None,
+             skipped: Optional[list] = None) -> dict[str, float]:
     """Run ``predict(images [B,3,H,W]) -> {task: prediction}`` over ``loader`` and return flat metrics.
 
     Keys: ``seg/mIoU``, ``seg/pixAcc`` and per-class ``seg/IoU/<name>`` (percent; segmentation is scored on
@@ -50,12 +52,17 @@ def evaluate(predict: Callable[[Tensor], Mapping[str, Tensor]], loader: Iterable
     ``on_batch(batch, outputs)``, if given, sees every batch with the predictions the metrics score: the
     dense tasks' raw maps and the ``det`` task's decoded boxes (per image ``{"boxes", "scores",
     "labels"}``), e.g. to write them out (``tools/eval.py --cityscapes-export`` / ``--coco-export``);
-    the boxes are decoded once, for both.
+    the boxes are decoded once, for both. ``skipped``, if given, is extended with the samples the loader
+    could not read (``data.skip_bad``; each a message naming the file), over every process.
     """
     task_objs = build_tasks(tasks, num_classes, ignore_index, heads)
     metrics = {t.name: t.build_metric() for t in task_objs}
     device = torch.device(device)
+    dropped: list[str] = []
     for batch in loader:
+        dropped += batch.get("skipped_files", [])
+        if "image" not in batch:  # nothing but unreadable samples
+            continue
         images = batch["image"].to(device, non_blocking=True)
         out = dict(predict(images))
         for task in task_objs:
@@ -64,6 +71,8 @@ def evaluate(predict: Callable[[Tensor], Mapping[str, Tensor]], loader: Iterable
             on_batch(batch, out)
         for task in task_objs:
             task.update_metric(metrics[task.name], out[task.name], batch, device)
+    if skipped is not None:
+        skipped.extend(f for names in all_gather_objects(dropped) for f in names)
     flat: dict[str, float] = {}
     for task in task_objs:
         names = class_names if task.class_named else None
@@ -75,8 +84,8 @@ def evaluate_model(model: nn.Module, loader: Iterable[dict], tasks: Sequence[str
                    ignore_index: int = 255, device: torch.device | str = "cpu",
                    autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
                    class_names: Optional[Sequence[str]] = None,
-                   on_batch: Optional[Callable[[dict, Mapping[str, Tensor]], None]] = None
-                   ) -> dict[str, float]:
+                   on_batch: Optional[Callable[[dict, Mapping[str, Tensor]], None]] = None,
+                   skipped: Optional[list] = None) -> dict[str, float]:
     """``evaluate`` of ``model`` in eval mode (restoring its mode after), optionally under ``autocast()``;
     detections are decoded with the ``det`` head's own thresholds (``FCOSHead.predict``)."""
     was_training = model.training
@@ -90,7 +99,7 @@ def evaluate_model(model: nn.Module, loader: Iterable[dict], tasks: Sequence[str
     heads = getattr(model, "heads", {})
     try:
         return evaluate(predict, loader, tasks, num_classes, ignore_index, device, class_names, on_batch,
-                        heads=heads)
+                        heads=heads, skipped=skipped)
     finally:
         model.train(was_training)
 

@@ -219,6 +219,8 @@ class EvalHook(HookBase):
         if improved:
             t.best = {"iteration": t.iteration, "score": score, "metrics": metrics}
         if t.logger is not None:
+            for name in t.eval_skipped_files:
+                t.logger.warning("evaluation skipped an unreadable sample (data.skip_bad): %s", name)
             shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.count("/") == 1)
             t.logger.info("eval @ %d (%.1fs): %s  score %.4f%s", t.iteration, time.perf_counter() - t0, shown,
                           score, "  (best)" if improved else "")

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..balancing import build_task_balancer
 from ..config import Config, config_to_dict
 from ..data.builders import build_dataset
+from ..data.check import check_datasets
 from ..distributed import all_gather_objects, broadcast_parameters, init_distributed, mean_over_processes
 from ..losses import MultiTaskLoss
 from ..models import build_model
@@ -128,6 +129,8 @@ class Trainer:
 
         self.train_set = build_dataset(cfg.data, "train", cfg.seed)
         self.val_set = build_dataset(cfg.data, "val", cfg.seed)
+        self.bad_samples = check_datasets(cfg.data.check, cfg.data.skip_bad, train=self.train_set,
+                                          val=self.val_set)
         world, rank = self.env.world_size, self.env.rank
         self.train_loader = build_dataloader(self.train_set, cfg.data.batch_size, cfg.data.num_workers,
                                              train=True, seed=cfg.seed, rank=rank, world_size=world)
@@ -140,6 +143,7 @@ class Trainer:
         self.skipped_steps = self.consecutive_skips = self.skipped_samples = 0
         self.skipped_files: dict[str, int] = {}  # unreadable sample -> times dropped (data.skip_bad)
         self.history: list[dict] = []  # [{"iteration": i, "task/metric": value, ...}] per evaluation
+        self.eval_skipped_files: list[str] = []  # validation samples the last evaluation could not read
         self.last_metrics: dict[str, float] = {}
         self.best = {"iteration": None, "score": -math.inf, "metrics": {}}
         self.stop_signal: Optional[int] = None  # set by SignalHook's handler
@@ -253,10 +257,12 @@ class Trainer:
         self.iteration += 1
 
     def evaluate(self) -> dict[str, float]:
-        """Flat validation metrics of the current model (see ``mtvision.engine.evaluator.evaluate``)."""
+        """Flat validation metrics of the current model (see ``mtvision.engine.evaluator.evaluate``);
+        the validation samples that could not be read (``data.skip_bad``) in ``eval_skipped_files``."""
+        self.eval_skipped_files = []
         return evaluate_model(self.model, self.val_loader, self.tasks, self.cfg.data.num_classes,
                               self.cfg.loss.ignore_index, self.device, self.autocast,
-                              getattr(self.val_set, "classes", None))
+                              getattr(self.val_set, "classes", None), skipped=self.eval_skipped_files)
 
     # ------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -322,6 +328,10 @@ class Trainer:
         if self.env.distributed:
             log("distributed: %d processes, %d samples per process and step", self.env.world_size,
                 self.cfg.data.batch_size // self.env.world_size)
+        for split, problems in self.bad_samples.items():
+            log("data.check: read all %s samples of the %s split; %d unreadable (skipped: data.skip_bad)%s",
+                len(self.train_set if split == "train" else self.val_set), split, len(problems),
+                "".join(f"\n  {p}" for p in problems))
         if self.resumed_from:
             log("resumed from %s at iteration %d (epoch %d, batch %d)", self.resumed_from, self.iteration,
                 *self.data_position)
@@ -333,7 +343,8 @@ class Trainer:
             "iteration": self.iteration, "tasks": self.tasks, "final": self.last_metrics,
             "best": self.best if finite else {**self.best, "score": None}, "history": self.history,
             "skipped_steps": self.skipped_steps, "skipped_samples": self.skipped_samples,
-            "skipped_files": self.skipped_files, "world_size": self.env.world_size,
+            "skipped_files": self.skipped_files, "eval_skipped_files": self.eval_skipped_files,
+            "world_size": self.env.world_size,
             "train_seconds": train_seconds,
             "step_ms_per_iter": self.step_seconds / max(self.iteration, 1) * 1e3,
             "data_wait_ms_per_iter": self.data_seconds / max(self.iteration, 1) * 1e3,

@@ -14,9 +14,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mtvision.balancing import solvers
+from mtvision.balancing import AGGREGATORS, solvers
 from mtvision.balancing.aggregators import (
-    AGGREGATORS,
     IMTLG,
     MGDA,
     AlignedMTL,

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from mtvision.balancing import LOSS_WEIGHTINGS
 from mtvision.balancing.weighting import (
     DWA,
     EW,
     FAMO,
-    LOSS_WEIGHTINGS,
     RLW,
     UW,
     GradNorm,

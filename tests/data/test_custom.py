@@ -9,7 +9,7 @@ import torch
 
 from mtvision.config import ConfigError, DataConfig
 from mtvision.data import DATASETS, FolderDataset, build_dataset, collate_samples
-from mtvision.data.sample import DataError
+from mtvision.data.sample import DataError, SkippedSample
 
 from . import fixtures as F
 
@@ -71,7 +71,9 @@ def test_missing_label_file_names_the_expected_path(tmp_path):
     with pytest.raises(DataError, match=r"label file not found \(or b.npy\)") as e:
         ds[1]
     assert e.value.path == str(tmp_path / "train" / "depth" / "b.png") and e.value.field == "depth"
-    assert FolderDataset(tmp_path, "train", skip_bad=True)[1] is None
+    skipped = FolderDataset(tmp_path, "train", skip_bad=True)[1]
+    assert isinstance(skipped, SkippedSample) and skipped.index == 1
+    assert skipped.reason.startswith(str(tmp_path / "train" / "depth" / "b.png") + ": depth: label file not found")
 
 
 def test_corrupt_file_and_out_of_range_label(tmp_path):
@@ -90,7 +92,9 @@ def test_corrupt_file_and_out_of_range_label(tmp_path):
         ds[1]
     assert e.value.path == str(normal) and e.value.field == "normal"
     skipping = FolderDataset(tmp_path, "train", skip_bad=True)
-    assert collate_samples([skipping[0], skipping[1]]) == {"num_skipped": 2}
+    batch = collate_samples([skipping[0], skipping[1]])
+    assert set(batch) == {"num_skipped", "skipped_files"} and batch["num_skipped"] == 2
+    assert [r.split(": ")[0] for r in batch["skipped_files"]] == [str(seg), str(normal)]
 
 
 def test_wrong_shape_names_the_label_file(tmp_path):

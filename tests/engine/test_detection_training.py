@@ -51,7 +51,7 @@ def test_config_checks_for_detection(tmp_path):
         check_tasks(tiny_config(tmp_path, [only_det, "model.heads={det: {name: segmentation}}"]))
     with pytest.raises(ConfigError, match=r"heads.det.num_classes \(3\) differs from data.num_classes \(6\)"):
         check_tasks(tiny_config(tmp_path, [only_det, "model.heads={det: {name: fcos, num_classes: 3}}"]))
-    with pytest.raises(ConfigError, match=r"unknown task 'box' \(tasks: seg, depth, normal, det\)"):
+    with pytest.raises(ConfigError, match=r"unknown task 'box' \(choose from: seg, depth, normal, det\)"):
         check_tasks(tiny_config(tmp_path, ["data.tasks=[box]", "model.heads={box: {name: fcos}}"]))
 
 
