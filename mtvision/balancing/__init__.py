@@ -14,7 +14,8 @@ from ..registry import BALANCERS
 from .aggregators import AlignedMTL, CAGrad, GradientAggregator, IMTLG, MGDA, NashMTL, PCGrad, UPGrad
 from .gradient_step import GradientBalancer, GradientCombination
 from .step import Balancer, BalanceResult, Forward, LossWeightingBalancer, build_task_balancer
-from .weighting import DWA, EW, FAMO, RLW, UW, GradNorm, LossWeighting
+from .learned_weighting import FAMO, GradNorm
+from .weighting import DWA, EW, RLW, UW, LossWeighting
 
 __all__ = [
     "AGGREGATORS", "BALANCERS", "Balancer", "BalanceResult", "DWA", "EW", "FAMO", "Forward", "GradNorm",

@@ -24,6 +24,7 @@ __all__ = [
     "check_amp",
     "check_train_switches",
     "check_input_size",
+    "compile_model",
     "check_tasks",
     "resolve_device",
     "seed_everything",
@@ -229,6 +230,20 @@ def check_input_size(model: nn.Module, size) -> None:
         fit = [max(multiple, round(int(s) / multiple) * multiple) for s in size]
         raise ConfigError(f"data.size: {list(size)} is not a multiple of the backbone's patch size {multiple} "
                           f"(a ViT's input must be); use e.g. data.size=[{fit[0]},{fit[1]}]")
+
+
+def compile_model(model: nn.Module, retains_graph: bool) -> None:
+    """``torch.compile`` the backbone, neck and heads in place (per submodule: the state_dict keys stay, and
+    ``forward_features`` / ``forward_heads`` run compiled too). ``retains_graph``: the balancer walks the
+    graph more than once, so compiled backward functions must not donate (free and reuse) their saved
+    buffers after the first pass."""
+    if retains_graph:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
+    for part in (model.backbone, model.neck, *model.heads.values()):
+        if part is not None:
+            part.compile()
 
 
 def check_train_switches(train, device: torch.device, world_size: int) -> None:

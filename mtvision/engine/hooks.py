@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Optional
 
+import torch
 from tqdm import tqdm
 
 from ..distributed import broadcast_buffers
@@ -137,7 +138,7 @@ class MetricWriterHook(HookBase):
         save_config(t.cfg, t.work_dir / "config.yaml")
         t.logger = setup_logger(t.work_dir, console=self.console)
         t.writer = ScalarWriter(t.work_dir / "tb")
-        t.log_setup()
+        log_setup(t)
         show = None if self.progress is None else self.progress
         self.bar = tqdm(total=t.cfg.train.max_iters, initial=t.iteration, desc="train", dynamic_ncols=True,
                         disable=None if show is None else not show, leave=False)
@@ -190,7 +191,7 @@ class MetricWriterHook(HookBase):
             self.bar.close()
         if t.is_main and t.iteration >= t.cfg.train.max_iters and t.stopped_by is None:
             seconds = time.perf_counter() - self._t_start
-            summary = t.summary(seconds)
+            summary = run_summary(t, seconds)
             write_json(summary, t.work_dir / "metrics.json")
             t.logger.info("done: %d iterations in %.1fs (step %.0f ms/it, data wait %.0f ms/it); %d steps skipped "
                           "(non-finite), %d samples skipped (unreadable); best @ %s (score %.4f); outputs in %s",
@@ -260,6 +261,41 @@ class CheckpointHook(HookBase):
         except Exception as save_error:  # noqa: BLE001 - the original error is the one to report
             t.logger.error("run failed at iteration %d and last.pth could not be written: %s", t.iteration,
                            save_error)
+
+
+def log_setup(self) -> None:
+    """The run's first log lines (rank 0's ``self``, a trainer)."""
+    n_params = sum(p.numel() for p in self.model.parameters())
+    log = self.logger.info
+    log("work dir %s; device %s; amp %s; torch %s; %d threads", self.work_dir, self.device, self.amp,
+        torch.__version__, torch.get_num_threads())
+    log("model: %s backbone (pretrained: %s), tasks %s, %.2fM parameters; train %d / val %d samples, "
+        "batch %d", self.cfg.model.backbone.get("name"), self.cfg.model.backbone.get("pretrained"),
+        self.tasks, n_params / 1e6, len(self.train_set), len(self.val_set), self.cfg.data.batch_size)
+    if self.env.distributed:
+        log("distributed: %d processes, %d samples per process and step", self.env.world_size,
+            self.cfg.data.batch_size // self.env.world_size)
+    for split, problems in self.bad_samples.items():
+        log("data.check: read all %s samples of the %s split; %d unreadable (skipped: data.skip_bad)%s",
+            len(self.train_set if split == "train" else self.val_set), split, len(problems),
+            "".join(f"\n  {p}" for p in problems))
+    if self.resumed_from:
+        log("resumed from %s at iteration %d (epoch %d, batch %d)", self.resumed_from, self.iteration,
+            *self.data_position)
+
+def run_summary(self, train_seconds: float) -> dict:
+    """``metrics.json`` of trainer ``self``: final and best metrics, history, what was skipped, timings."""
+    finite = math.isfinite(self.best["score"])
+    return {
+        "iteration": self.iteration, "tasks": self.tasks, "final": self.last_metrics,
+        "best": self.best if finite else {**self.best, "score": None}, "history": self.history,
+        "skipped_steps": self.skipped_steps, "skipped_samples": self.skipped_samples,
+        "skipped_files": self.skipped_files, "eval_skipped_files": self.eval_skipped_files,
+        "world_size": self.env.world_size,
+        "train_seconds": train_seconds,
+        "step_ms_per_iter": self.step_seconds / max(self.iteration, 1) * 1e3,
+        "data_wait_ms_per_iter": self.data_seconds / max(self.iteration, 1) * 1e3,
+    }
 
 
 def default_hooks(console: bool = True, progress: Optional[bool] = None) -> list[HookBase]:

@@ -23,7 +23,7 @@ from ..distributed import all_gather_objects, broadcast_parameters, init_distrib
 from ..losses import MultiTaskLoss
 from ..models import build_model
 from ..tasks import build_tasks
-from .builders import (build_dataloader, build_optimizer, build_scheduler, check_amp, check_input_size,
+from .builders import (build_dataloader, compile_model, build_optimizer, build_scheduler, check_amp, check_input_size,
                        check_tasks, check_train_switches, resolve_device, seed_everything)
 from .checkpoint import restore_training_state, save_checkpoint, training_state
 from .evaluator import evaluate_model
@@ -55,22 +55,14 @@ class Trainer:
     """Trains ``build_model(cfg.model)`` on ``cfg.data`` with the method of ``cfg.balancer``.
 
     ``Trainer(cfg).train()`` runs ``cfg.train.max_iters`` iterations (one global batch each, looping over
-    epochs) and returns the final validation metrics (flat ``"task/metric"`` dict). What happens around
-    the steps is done by hooks (``mtvision.engine.hooks``): the work dir's ``config.yaml``, ``train.log``,
-    TensorBoard events under ``tb/`` and ``metrics.json``; evaluation and ``checkpoints/best.pth`` (the
-    best ``primary_score``); ``checkpoints/last.pth`` every ``checkpoint_interval`` iterations, at the
-    end, when stopped by SIGTERM / SIGINT (``stopped_by`` names it) and when the run fails; skipping
-    non-finite steps (a :class:`TrainingError` after ``train.max_consecutive_skips`` in a row).
-
-    Distributed: under ``torchrun`` every process builds the same Trainer; the process group is started
-    here, ``data.batch_size`` is the global batch split over the processes, the balancer says whether the
-    model trains through DDP (loss weightings) or reduces its per-task gradients itself (gradient
-    methods); logged losses are averaged over processes, metrics pooled over the whole validation set,
-    BatchNorm buffers are rank 0's at every evaluation and checkpoint, and only rank 0 writes files.
-
-    Repeatable and resumable: model init, data order and augmentation derive from ``cfg.seed``;
-    ``resume(path)`` restores the whole training state (``engine.checkpoint``), so on CPU N steps
-    straight equal N/2 steps, a resume and N/2 more, bit for bit.
+    epochs) and returns the final validation metrics (flat ``"task/metric"``). Around the steps the hooks
+    (``mtvision.engine.hooks``) write the work dir (``config.yaml``, ``train.log``, ``tb/``,
+    ``metrics.json``), evaluate and keep ``checkpoints/best.pth``, save ``checkpoints/last.pth`` (every
+    ``checkpoint_interval``, at the end, on SIGTERM / SIGINT and when the run fails), and skip
+    non-finite steps. Under ``torchrun`` every process builds the same Trainer: ``data.batch_size`` is
+    the global batch, the balancer says whether the model trains through DDP, only rank 0 writes.
+    ``resume(path)`` restores the whole training state (``engine.checkpoint``): on CPU N steps straight
+    equal N/2 steps, a resume and N/2 more, bit for bit.
 
     Args:
         cfg: the experiment.
@@ -113,13 +105,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.max_iters)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         if cfg.train.compile:
-            if self.balancer.retains_graph:  # compiled backwards must not free saved buffers after one pass
-                import torch._functorch.config as functorch_config
-
-                functorch_config.donated_buffer = False
-            for part in (self.model.backbone, self.model.neck, *self.model.heads.values()):
-                if part is not None:  # in place, per submodule: state_dict keys stay
-                    part.compile()
+            compile_model(self.model, self.balancer.retains_graph)
         self.forward_model = self.model  # what the training forward calls
         if self.env.distributed and self.balancer.uses_ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -229,7 +215,10 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.balancer.after_update(mean_losses, lambda: self._losses_after_update(data))
-        self._advance_schedule()
+        with warnings.catch_warnings():  # the schedule follows iterations, taken or skipped: torch warns
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            self.scheduler.step()
+        self.iteration += 1
         if self.env.distributed and result.extra[1] > 0:  # every process's dropped samples, named everywhere
             files = [f for names in all_gather_objects(files) for f in names]
         return StepOutcome(result.values, skip, result.extra[0] > 0, files, result.grad_norm)
@@ -247,14 +236,6 @@ class Trainer:
     def _losses_after_update(self, data: dict) -> Tensor:
         with torch.no_grad(), self.autocast():
             return mean_over_processes(self.loss_fn.task_losses(self.model(data["image"]), data).float())
-
-    def _advance_schedule(self) -> None:
-        with warnings.catch_warnings():
-            # The schedule follows iterations, taken or skipped; a skipped first step makes torch warn
-            # that the scheduler stepped before the optimizer, which is intended here.
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-            self.scheduler.step()
-        self.iteration += 1
 
     def evaluate(self) -> dict[str, float]:
         """Flat validation metrics of the current model (see ``mtvision.engine.evaluator.evaluate``);
@@ -315,37 +296,3 @@ class Trainer:
             for hook in reversed(self.hooks):
                 hook.after_train()
         return self.last_metrics
-
-    def log_setup(self) -> None:
-        """The run's first log lines (rank 0)."""
-        n_params = sum(p.numel() for p in self.model.parameters())
-        log = self.logger.info
-        log("work dir %s; device %s; amp %s; torch %s; %d threads", self.work_dir, self.device, self.amp,
-            torch.__version__, torch.get_num_threads())
-        log("model: %s backbone (pretrained: %s), tasks %s, %.2fM parameters; train %d / val %d samples, "
-            "batch %d", self.cfg.model.backbone.get("name"), self.cfg.model.backbone.get("pretrained"),
-            self.tasks, n_params / 1e6, len(self.train_set), len(self.val_set), self.cfg.data.batch_size)
-        if self.env.distributed:
-            log("distributed: %d processes, %d samples per process and step", self.env.world_size,
-                self.cfg.data.batch_size // self.env.world_size)
-        for split, problems in self.bad_samples.items():
-            log("data.check: read all %s samples of the %s split; %d unreadable (skipped: data.skip_bad)%s",
-                len(self.train_set if split == "train" else self.val_set), split, len(problems),
-                "".join(f"\n  {p}" for p in problems))
-        if self.resumed_from:
-            log("resumed from %s at iteration %d (epoch %d, batch %d)", self.resumed_from, self.iteration,
-                *self.data_position)
-
-    def summary(self, train_seconds: float) -> dict:
-        """``metrics.json``: final and best metrics, history, what was skipped, timings."""
-        finite = math.isfinite(self.best["score"])
-        return {
-            "iteration": self.iteration, "tasks": self.tasks, "final": self.last_metrics,
-            "best": self.best if finite else {**self.best, "score": None}, "history": self.history,
-            "skipped_steps": self.skipped_steps, "skipped_samples": self.skipped_samples,
-            "skipped_files": self.skipped_files, "eval_skipped_files": self.eval_skipped_files,
-            "world_size": self.env.world_size,
-            "train_seconds": train_seconds,
-            "step_ms_per_iter": self.step_seconds / max(self.iteration, 1) * 1e3,
-            "data_wait_ms_per_iter": self.data_seconds / max(self.iteration, 1) * 1e3,
-        }

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["DENSE_TASKS", "DenseMultiTaskLoss"]

@@ -8,16 +8,8 @@ import torch
 from torch import nn
 
 from mtvision.balancing import LOSS_WEIGHTINGS
-from mtvision.balancing.weighting import (
-    DWA,
-    EW,
-    FAMO,
-    RLW,
-    UW,
-    GradNorm,
-    LossWeighting,
-    _adam_step,
-)
+from mtvision.balancing.learned_weighting import FAMO, GradNorm, _adam_step
+from mtvision.balancing.weighting import DWA, EW, RLW, UW, LossWeighting
 
 
 # ----------------------------------------------------------------------------------------------------

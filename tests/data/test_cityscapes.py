@@ -2,6 +2,7 @@
 through cityscapesscripts' table, depth from disparity + camera JSON, meta, config, and bad files."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from cityscapesscripts.helpers.labels import id2label, labels, trainId2label
 from mtvision.config import ConfigError, DataConfig
 from mtvision.data import DATASETS, Cityscapes, collate_samples
 from mtvision.data.cityscapes import cityscapes_classes, label_id_lut
-from mtvision.data.sample import DataError
+from mtvision.data.sample import DataError, SkippedSample
 
 from .cityscapes_fixture import write_cityscapes
 
@@ -192,5 +193,6 @@ def test_bad_files_raise_naming_the_file(tmp_path, breakage, field, message):
         ds[0]
     assert info.value.path == str(path) and info.value.field == field
     assert str(path) in str(info.value)
-    # with skip_bad the sample is skipped (None)
-    assert Cityscapes(tmp_path, "val", skip_bad=True)[0] is None
+    # with skip_bad the sample is skipped, its reason naming the file
+    skipped = Cityscapes(tmp_path, "val", skip_bad=True)[0]
+    assert isinstance(skipped, SkippedSample) and skipped.index == 0 and re.search(message, skipped.reason)

@@ -13,7 +13,7 @@ import torch
 
 from mtvision.config import ConfigError, DataConfig
 from mtvision.data import DATASETS, CocoDetection, build_dataset, collate_samples
-from mtvision.data.sample import DataError
+from mtvision.data.sample import DataError, SkippedSample
 
 from .fixtures import distinct_image
 
@@ -235,7 +235,7 @@ def test_missing_corrupt_and_wrong_size_images(tmp_path):
     with pytest.raises(DataError, match=r"a.jpg: image: cannot decode"):
         ds[2]
     skipping = CocoDetection(tmp_path, "train", skip_bad=True)
-    assert skipping[0] is None and skipping[2] is None
+    assert isinstance(skipping[0], SkippedSample) and isinstance(skipping[2], SkippedSample)
     batch = collate_samples([skipping[k] for k in range(3)])
     assert batch["num_skipped"] == 2 and [m["image_id"] for m in batch["meta"]] == [17]
     # an image whose size differs from its record's height / width
@@ -243,7 +243,7 @@ def test_missing_corrupt_and_wrong_size_images(tmp_path):
     with pytest.raises(DataError, match=r"c.png: image: decoded size 12x11 differs .* 12x10 of images\[2\] "
                                         + re.escape(f"in {ann}")):
         ds[1]
-    assert skipping[1] is None
+    assert isinstance(skipping[1], SkippedSample)
 
 
 def test_exif_orientation_is_ignored(tmp_path):

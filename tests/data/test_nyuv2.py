@@ -11,7 +11,7 @@ from mtvision.config import ConfigError, DataConfig
 from mtvision.data import DATASETS, NYUV2_CLASSES, NYUv2, collate_samples
 from mtvision.data.nyuv2 import (EIGEN_CROP, _load_mat_field, eigen_crop_box, load_class_mapping40,
                                  nyu40_to_13_lut)
-from mtvision.data.sample import DataError
+from mtvision.data.sample import DataError, SkippedSample
 
 from . import fixtures as F
 
@@ -133,11 +133,11 @@ def test_npy_wrong_shapes(npy_root):
         NYUv2(root, "train", tasks=())[1]
 
 
-def test_skip_bad_returns_none_and_collate_drops_it(npy_root):
+def test_skip_bad_returns_a_named_skip_and_collate_drops_it(npy_root):
     root, _ = npy_root
     (root / "train" / "normal" / "0.npy").write_bytes(b"not an array")
     ds = NYUv2(root, "train", skip_bad=True)
-    assert ds[0] is None
+    assert isinstance(ds[0], SkippedSample) and ds[0].reason.startswith(str(root / "train" / "normal" / "0.npy"))
     batch = collate_samples([ds[i] for i in range(3)])
     assert batch["num_skipped"] == 1 and batch["image"].shape == (2, 3, 6, 8)
 

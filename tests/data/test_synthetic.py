@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mtvision.data import SYNTHETIC_CLASSES, SyntheticScenes, collate_samples
-from mtvision.data import synthetic as S
+from mtvision.data import synthetic_render as S
 from mtvision.data.synthetic import backproject
 
 SIZE = (48, 64)

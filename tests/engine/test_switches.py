@@ -89,8 +89,12 @@ def _custom_data(tmp_path: Path, corrupt: bool) -> list[str]:
 @pytest.mark.slow
 def test_bad_samples_stop_with_the_file_named_or_are_skipped_and_counted(tmp_path):
     data = _custom_data(tmp_path, corrupt=True)
-    t = Trainer(tiny_config(tmp_path, [*STEPS, f"work_dir={tmp_path / 'strict'}", *data]), console=False,
+    # data.check (on by default for file datasets) names both before the first step
+    with pytest.raises(DataError, match=r"2 unreadable sample\(s\) found before training: .*s3\.png: image.*s5\.png"):
+        Trainer(tiny_config(tmp_path, [*STEPS, f"work_dir={tmp_path / 'strict'}", *data]), console=False,
                 progress=False)
+    t = Trainer(tiny_config(tmp_path, [*STEPS, f"work_dir={tmp_path / 'late'}", *data, "data.check=false"]),
+                console=False, progress=False)
     with pytest.raises(DataError, match=r"(s3\.png: image|s5\.png)"):
         t.train()
 

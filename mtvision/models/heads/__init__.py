@@ -10,6 +10,10 @@ Every built-in head says what its output is in ``output_description`` (an export
 """
 
 from .common import ConvGNReLU, DenseHead, SemanticFPNDecoder
+# the registration order is the order HEADS lists them in: the semantic-FPN heads first
+from .segmentation import SegmentationHead  # isort: skip
+from .depth import DepthHead  # isort: skip
+from .normals import NormalHead  # isort: skip
 from .deeplab import (
     ASPP,
     DeepLabDecoder,
@@ -18,10 +22,7 @@ from .deeplab import (
     DeepLabNormalHead,
     DeepLabSegmentationHead,
 )
-from .depth import DepthHead
 from .detection import FCOSHead, decode_detections, split_detection_output
-from .normals import NormalHead
-from .segmentation import SegmentationHead
 
 __all__ = [
     "ASPP",
