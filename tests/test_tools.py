@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+import torch
 
 from mtvision.engine.visualize import LABEL_HEIGHT
 
@@ -68,9 +69,17 @@ def test_predict_writes_one_png_per_image(trained, tmp_path):
         assert img.shape == (32 + LABEL_HEIGHT, 7 * 48, 3)
 
 
-def test_eval_with_a_checkpoint_of_another_model_fails_cleanly(trained, capsys):
+def test_eval_with_a_checkpoint_of_another_model_fails_cleanly(trained, tmp_path, capsys):
     config, work = trained
     rc = _tool("eval").main([str(config), "--checkpoint", str(work / "checkpoints" / "last.pth"),
+                             "model.neck.out_channels=8"])
+    assert rc == 2
+    assert "model.neck.out_channels: the checkpoint was trained with 16" in capsys.readouterr().err
+    # a checkpoint without a stored config is loaded into the config's model: the weights do not fit
+    state = torch.load(work / "checkpoints" / "last.pth", weights_only=True)
+    del state["config"]
+    torch.save(state, tmp_path / "old.pth")
+    rc = _tool("eval").main([str(config), "--checkpoint", str(tmp_path / "old.pth"),
                              "model.neck.out_channels=8"])
     assert rc == 2
     assert "does not match the model" in capsys.readouterr().err
@@ -102,7 +111,7 @@ def test_export_onnx_without_the_checkpoint_fails_cleanly(trained, tmp_path, cap
     ("train.max_iter=5", "unknown key 'train.max_iter'"),
     ("data.batch_size=eight", "data.batch_size: expected int"),
     ("model.heads.seg.name=segmentaton", "model.heads.seg.name: unknown head 'segmentaton'"),
-    ("balancer.name=pcgard", "balancer.name: unknown method 'pcgard'"),
+    ("balancer.name=pcgard", "balancer.name: unknown balancing method 'pcgard'"),
 ])
 def test_config_errors_exit_non_zero_naming_the_key(tmp_path, capsys, override, message):
     config = write_tiny_config(tmp_path)

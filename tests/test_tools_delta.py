@@ -1,6 +1,7 @@
 """Δm tooling (tools/delta.py, tools/eval.py --baselines) and tools/eval.py --cityscapes-export end to end."""
 
 import json
+import subprocess
 
 import pytest
 import yaml
@@ -77,6 +78,31 @@ def test_delta_tool_table(files, tmp_path, capsys):
     assert delta_m(read_metrics(files["better"]), BASE) == pytest.approx(-10.0)
 
 
+def test_delta_tool_warns_of_a_task_without_baseline(files, tmp_path, capsys):
+    three = write(tmp_path / "mtl_c.json", {"final": {"seg/mIoU": 55.0, "depth/abs_err": 0.4,
+                                                      "normal/mean": 20.0, "normal/median": 15.0}})
+    rc = _tool("delta").main([str(files["better"]), str(three), "--baselines", str(files["plain"])])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert captured.err == (f"warning: no baseline metric of task 'normal' in {files['plain']} (reported by "
+                            f"{three}); Δm leaves it out\n")
+    # keys picked with --metrics leave tasks out on purpose
+    rc = _tool("delta").main([str(three), "--baselines", str(files["plain"]), "--metrics", "seg/mIoU"])
+    assert rc == 0 and capsys.readouterr().err == ""
+
+
+def test_delta_table_continues_an_interrupted_run(tmp_path, monkeypatch):
+    """tools/train.py refuses a work dir holding checkpoints unless told what to do: the table's runs
+    continue them."""
+    delta_table = _tool("delta_table")
+    commands = []
+    monkeypatch.setattr(delta_table.subprocess, "run",
+                        lambda cmd, **kw: commands.append(cmd) or subprocess.CompletedProcess(cmd, 1))
+    assert delta_table.train(delta_table.BASELINES["seg"], tmp_path / "stl_seg" / "seed0", []) is None
+    (cmd,) = commands
+    assert cmd[1].endswith("tools/train.py") and "--resume" in cmd
+
+
 def test_delta_tool_row_without_a_metric_and_bad_files(files, capsys):
     rc = _tool("delta").main([str(files["better"]), str(files["partial"]),
                               "--baselines", str(files["plain"])])
@@ -99,9 +125,13 @@ def test_eval_with_baselines(trained, tmp_path, capsys):
     rc = _tool("eval").main([str(config), "--checkpoint", str(work / "checkpoints" / "last.pth"),
                              "--baselines", str(write(tmp_path / "base.json", base)), "--out", str(out)])
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
     # mIoU half the baseline's: +50; normal mean half: -50; Δm 0
-    assert "Δm = +0.00 %" in printed and "change % (Δm sign)" in printed
+    assert "Δm = +0.00 %" in captured.out and "change % (Δm sign)" in captured.out
+    # depth, a task of the run, has no baseline: named, not silently left out of Δm
+    assert [line for line in captured.err.splitlines() if line.startswith("warning")] == [
+        f"warning: --baselines: no baseline metric of task 'depth' in {tmp_path / 'base.json'}; "
+        f"Δm leaves it out"]
     result = json.loads(out.read_text())
     assert result["relative_changes"] == pytest.approx({"seg/mIoU": 50.0, "normal/mean": -50.0})
     assert result["delta_m"] == pytest.approx(0.0, abs=1e-9)
@@ -162,5 +192,5 @@ def test_eval_cityscapes_export_matches_the_official_script(tmp_path, capsys):
     ours = json.loads(out.read_text())["metrics"]["seg/mIoU"]
     assert 100.0 * official_evaluation(root, export)["averageScoreClasses"] == pytest.approx(ours, rel=1e-9)
     rc = _tool("eval").main([str(config), "--checkpoint", ckpt, "--cityscapes-export", str(export),
-                             "data.num_classes=7", "model.heads.seg.num_classes=7"])
+                             "data.num_classes=7"])
     assert rc == 2 and "data.num_classes is 7" in capsys.readouterr().err

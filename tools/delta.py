@@ -10,6 +10,8 @@ normal mean, median, within 11.25/22.5/30). ``--metrics`` picks the keys instead
 
 Prints a Markdown table, one row per results file: each metric with its relative change in percent as
 it enters Δm (negative = better), and Δm (mean of those, lower is better; Nash-MTL / FAMO convention).
+A task that a results file reports (a ``"task/..."`` key) but no baseline covers is named in a warning on
+stderr, one line per task (without ``--metrics``, which picks the keys on purpose): Δm leaves it out.
 Exit status 1 when a results file lacks a baseline metric (its row says which), 2 on a bad file.
 """
 
@@ -19,12 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-try:
-    import mtvision  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mtvision.engine.cli import exit_on_user_error
+from mtvision.engine.cli import exit_on_user_error, tasks_without_baseline
 from mtvision.evaluation import delta_m, delta_table, read_baselines, read_metrics
 
 
@@ -45,6 +42,14 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not args.metrics:
+        reported: dict[str, list[str]] = {}  # task -> the results files that report it
+        for path, metrics in results.items():
+            for task in dict.fromkeys(k.split("/", 1)[0] for k in metrics if "/" in k):
+                reported.setdefault(task, []).append(path)
+        for task in tasks_without_baseline(reported, baselines):
+            print(f"warning: no baseline metric of task {task!r} in {' '.join(args.baselines)} (reported by "
+                  f"{', '.join(reported[task])}); Δm leaves it out", file=sys.stderr)
     print(table, end="")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,11 @@
 Trains ``configs/synthetic/stl_{seg,depth,normal}.yaml`` and every method (a name from
 ``configs/synthetic/balancing/`` or a YAML path; default: all of them) once per seed, each through
 ``tools/train.py`` in ``DIR/<name>/seed<k>`` with the shared overrides; a run whose ``metrics.json``
-exists is not trained again, so an interrupted table resumes. Overrides of ``model.heads.<task>.*`` are
-passed only to configs that have that head. Δm (percent, lower is better, ``mtvision.evaluation.delta_m``)
-is over the NYUv2 metrics of the final validation, averaged over seeds before comparing. The Markdown
-table is printed and written to ``DIR/table.md``.
+exists is not trained again and an interrupted one continues from its ``last.pth``, so an interrupted
+table resumes. Overrides of ``model.heads.<task>.*`` are passed only to configs that have that head. Δm
+(percent, lower is better, ``mtvision.evaluation.delta_m``) is over the NYUv2 metrics of the final
+validation, averaged over seeds before comparing. The Markdown table is printed and written to
+``DIR/table.md``.
 """
 
 from __future__ import annotations
@@ -23,17 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    import mtvision  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-
 from mtvision.balancing import is_gradient_method
 from mtvision.config import load_config
 from mtvision.engine.cli import exit_on_user_error
 from mtvision.evaluation import DELTA_M_METRICS, delta_m
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "synthetic"
 BASELINES = {task: CONFIGS / f"stl_{task}.yaml" for task in ("seg", "depth", "normal")}
 #: The metrics of Δm (the NYUv2 convention of Nash-MTL / FAMO).
@@ -61,7 +57,8 @@ def train(config: Path, work_dir: Path, overrides: list[str]) -> dict | None:
     metrics = work_dir / "metrics.json"
     if not metrics.is_file():
         work_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(ROOT / "tools" / "train.py"), str(config), "--no-progress",
+        # --resume: an interrupted run continues (tools/train.py refuses to write over its checkpoints)
+        cmd = [sys.executable, str(ROOT / "tools" / "train.py"), str(config), "--no-progress", "--resume",
                *overrides_for(config, overrides), f"work_dir={work_dir}"]
         t0 = time.perf_counter()
         with open(work_dir / "stdout.log", "w") as log:

@@ -1,17 +1,20 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint on the validation split:
-``python tools/eval.py CONFIG --checkpoint PATH [--out FILE] [--baselines FILE ...]
-[--cityscapes-export DIR] [--coco-export FILE] [key=value ...]`` (or under ``torchrun --nproc_per_node=N``: each process evaluates its share, the metrics
-are pooled over the whole set and rank 0 prints and writes them).
+``python tools/eval.py [CONFIG] --checkpoint PATH [--out FILE] [--baselines FILE ...]
+[--cityscapes-export DIR] [--coco-export FILE] [key=value ...]`` (or under ``torchrun --nproc_per_node=N``:
+each process evaluates its share, the metrics are pooled over the whole set and rank 0 prints and writes
+them).
 
 Prints a table of every metric and, with ``--out``, writes ``{"checkpoint", "iteration", "metrics"}`` as
-JSON (metrics flat, ``"task/metric"``). The metrics are computed at the config's ``data.size``.
+JSON (metrics flat, ``"task/metric"``). The metrics are computed at the run's ``data.size`` (the one stored
+in the checkpoint unless ``data.size=...`` is given).
 
 ``--baselines FILE ...``: also print Δm (percent, lower is better; Nash-MTL / FAMO convention) and each
 metric's relative change against single-task results: ``metrics.json`` files of tools/train.py,
 ``--out`` files of this tool (their standard Δm metrics: seg mIoU/pixAcc, depth abs/rel err, normal angles),
-or plain JSON objects ``{"seg/mIoU": 53.9, "depth/abs_err": 0.38}`` (every key they list). With ``--out``,
-``delta_m`` and ``relative_changes`` are written too.
+or plain JSON objects ``{"seg/mIoU": 53.9, "depth/abs_err": 0.38}`` (every key they list). A task of the run
+without any baseline metric is named in a warning (Δm leaves it out). With ``--out``, ``delta_m`` and
+``relative_changes`` are written too.
 
 ``--coco-export FILE`` (COCO-format datasets with the det task): writes the detections as an official COCO
 results JSON (boxes mapped back to the original images, category ids) and prints the official
@@ -29,19 +32,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-try:
-    import mtvision  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch.distributed as dist
 
 from mtvision.config import ConfigError
 from mtvision.engine import autocast_context, evaluate_model, write_json
 from mtvision.engine.cli import (checkpoint_tool_parser, config_from_args, exit_on_user_error,
-                                 load_trained_model, val_loader)
+                                 load_trained_model, tasks_without_baseline, val_loader)
 from mtvision.engine.builders import resolve_device
-from mtvision.engine.distributed import dist_env, init_distributed
+from mtvision.distributed import dist_env, init_distributed
 from mtvision.engine.logging import format_table
 from mtvision.evaluation import read_baselines, relative_changes
 
@@ -143,6 +141,9 @@ def _main(argv=None) -> int:
                "num_samples": len(dataset), "metrics": metrics}
     rc = 0
     if baselines is not None:
+        for task in tasks_without_baseline(cfg.data.tasks, baselines):
+            print(f"warning: --baselines: no baseline metric of task {task!r} in {' '.join(args.baselines)}; "
+                  f"Δm leaves it out", file=sys.stderr)
         try:
             summary.update(print_delta(metrics, baselines, " ".join(args.baselines)))
         except ValueError as e:

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Export a trained checkpoint to ONNX and check it with onnxruntime:
-``python tools/export_onnx.py CONFIG --checkpoint PATH --out model.onnx [--raw-input] [--dynamic-size]
+``python tools/export_onnx.py [CONFIG] --checkpoint PATH --out model.onnx [--raw-input] [--dynamic-size]
 [--static-batch] [--opset N] [--no-check] [key=value ...]``
 
 The file takes ``image`` ``[B, 3, H, W]`` float32 (normalised with the config's ``data.mean``/``data.std``;
 ``--raw-input``: RGB in [0, 1], normalised in the graph) and gives one output per task, named after it
-(see ``mtvision.export.onnx``). The graph is traced at the config's ``data.size``; the batch is dynamic
+(see ``mtvision.export.onnx``). The graph is traced at the run's ``data.size``; the batch is dynamic
 unless ``--static-batch``, the height and width only with ``--dynamic-size``. The export runs on the CPU.
 
 Unless ``--no-check``, the file is then run with onnxruntime on random images (batch 2, and at another
@@ -16,12 +16,6 @@ printed, and the tool exits with status 1 when an output differs by more than 1e
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-try:
-    import mtvision  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write prediction pictures of validation images.
 
-``python tools/predict.py CONFIG --checkpoint PATH --out DIR [--num N] [key=value ...]``
+``python tools/predict.py [CONFIG] --checkpoint PATH --out DIR [--num N] [key=value ...]``
 
 One PNG per validation image (``DIR/0000.png`` ...): a row of the input, predicted and true segmentation
 (fixed palette), predicted and true depth (colour map, common range), predicted and true normals
@@ -11,12 +11,6 @@ One PNG per validation image (``DIR/0000.png`` ...): a row of the input, predict
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-try:
-    import mtvision  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtvision.data.builders import build_dataset
 from mtvision.engine import autocast_context

@@ -4,8 +4,9 @@ and the field.
 
 Encodings:
 
-- depth: 16-bit PNG of ``metres * depth_scale`` (integers, ``0`` = invalid), or ``.npy`` float metres
-  ``[H, W]`` / ``[H, W, 1]`` (``0`` = invalid).
+- depth: 16-bit PNG of ``metres * depth_scale`` (integers, ``0`` = invalid; an 8-bit PNG is refused: it
+  cannot hold millimetres beyond 0.255 m), or ``.npy`` float metres ``[H, W]`` / ``[H, W, 1]``
+  (``0`` = invalid).
 - normals: 8-bit (or 16-bit) RGB PNG of ``(n + 1) / 2 * 255`` (``* 65535``), channels R, G, B = x, y, z of
   the camera frame (x right, y down, z forward); a pixel that is 0 in all three channels is invalid. Or
   ``.npy`` / ``.exr`` float ``[H, W, 3]`` holding ``n`` itself in [-1, 1] (``0`` = invalid). Valid vectors are
@@ -93,12 +94,16 @@ def _check_depth(depth: np.ndarray, path: PathLike, field: str) -> np.ndarray:
 
 
 def read_depth(path: PathLike, depth_scale: float = 1000.0, field: str = "depth") -> np.ndarray:
-    """Depth in metres ``float32 [H, W]`` (0 = invalid) from a 16-bit PNG (``value / depth_scale``) or an
-    ``.npy`` of metres."""
+    """Depth in metres ``float32 [H, W]`` (0 = invalid) from a 16-bit PNG (``value / depth_scale``; an 8-bit
+    PNG is refused) or an ``.npy`` of metres."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
         return _check_depth(read_npy(path, field), path, field)
     raw = read_label_png(path, field)
+    if raw.dtype == np.uint8:
+        raise DataError(path, field, f"8-bit PNG, which holds at most {255 / depth_scale:g} m: depth PNGs must "
+                                     f"be 16-bit millimetres (metres * depth_scale {depth_scale:g}, 0 = "
+                                     f"invalid); write np.uint16, or an .npy of float metres")
     if raw.dtype.kind not in "iu":
         raise DataError(path, field, f"expected an integer (16-bit) depth PNG, got dtype {raw.dtype}")
     return (raw.astype(np.float32) / np.float32(depth_scale)).astype(np.float32, copy=False)
