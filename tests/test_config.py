@@ -3,6 +3,7 @@
 import dataclasses
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -411,3 +412,29 @@ def test_config_is_a_plain_dataclass():
         "work_dir", "seed", "custom_imports", "data", "model", "loss", "optimizer", "schedule", "train",
         "balancer",
     ]
+
+
+def test_readme_custom_config_and_its_single_task_baseline_load_from_anywhere(tmp_path, monkeypatch):
+    """The README's configs/my_data/mtl.yaml and stl_seg.yaml (_base_ relative to the file, _delete_ for
+    the baseline's heads) load from another working directory."""
+    import re
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(_base_: (?:\.\./synthetic/base\.yaml|mtl\.yaml)\n.*?)```", readme, re.S)
+    mtl = next(b for b in blocks if "dataset: custom" in b)
+    stl = next(b for b in blocks if b.startswith("_base_: mtl.yaml"))
+    (tmp_path / "configs" / "synthetic").mkdir(parents=True)
+    shutil.copy(root / "configs" / "synthetic" / "base.yaml", tmp_path / "configs" / "synthetic" / "base.yaml")
+    (tmp_path / "configs" / "my_data").mkdir()
+    (tmp_path / "configs" / "my_data" / "mtl.yaml").write_text(mtl)
+    (tmp_path / "configs" / "my_data" / "stl_seg.yaml").write_text(stl)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    multi = load_config(tmp_path / "configs" / "my_data" / "mtl.yaml")
+    single = load_config(tmp_path / "configs" / "my_data" / "stl_seg.yaml")
+    assert list(multi.model.heads) == ["seg", "depth", "normal"] and multi.data.num_classes == 5
+    assert list(single.model.heads) == ["seg"] and single.data.tasks == ["seg"]
+    assert single.data.root == multi.data.root and single.optimizer == multi.optimizer

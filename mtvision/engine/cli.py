@@ -33,7 +33,8 @@ RUN_DATA_KEYS = ("dataset", "root", "val_split", "size", "num_classes", "tasks",
 
 CHECKPOINT_CONFIG_HELP = """\
 config: CONFIG may be left out when the checkpoint stores its config (every checkpoint tools/train.py
-writes does). The model, custom_imports and the data settings that define the run (data.dataset, root,
+writes does). The model, custom_imports, the seed (it draws the synthetic validation scenes) and the
+data settings that define the run (data.dataset, root,
 val_split, size, num_classes, tasks, mean, std, keep_ratio, num_val, kwargs) come from the checkpoint;
 a CONFIG given applies on top of the stored config for everything else (data.batch_size,
 data.num_workers, train.device, train.amp, ...). key=value overrides apply last, and a data override
@@ -175,6 +176,9 @@ def config_for_checkpoint(checkpoint, config=None, overrides: Sequence[str] = ()
     data_keys = [k for k in RUN_DATA_KEYS if k in saved.get("data", {})]
     for k in data_keys:  # the overrides, applied next, still win
         merged["data"][k] = saved["data"][k]
+    seed_taken = "seed" in saved and "seed" not in override_keys
+    if seed_taken:  # it draws the synthetic validation scenes
+        merged["seed"] = saved["seed"]
     cfg = apply_overrides(config_from_dict(merged, source), overrides)
     final = config_to_dict(cfg.data)
     differing = []
@@ -184,6 +188,8 @@ def config_for_checkpoint(checkpoint, config=None, overrides: Sequence[str] = ()
         taken.append(f"data.{k}")
         if final[k] != file_cfg["data"][k]:
             differing.append(f"data.{k} {_show(final[k])} (not {_show(file_cfg['data'][k])})")
+    if seed_taken:
+        taken.append("seed")
     note = f"settings from the checkpoint {checkpoint}: {', '.join(taken)}"
     if differing:
         note += f"; differing from {config}: {', '.join(differing)}"
