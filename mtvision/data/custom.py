@@ -213,7 +213,6 @@ class FolderDataset(RawDataset):
         return raw
 
     config_name = "custom"
-    config_kwargs = ("depth_scale",)
 
     @classmethod
     def from_config(cls, data, split: str, transform, seed: int) -> "FolderDataset":

@@ -416,8 +416,6 @@ class NYUv2(RawDataset):
         return raw
 
     config_name = "nyuv2"
-    config_kwargs = ("layout", "eigen_crop", "mat_file", "splits_file", "class_mapping40", "normals_dir",
-               "normals_pattern")
 
     @classmethod
     def from_config(cls, data, split: str, transform, seed: int) -> "NYUv2":

@@ -136,21 +136,18 @@ class RawDataset(torch.utils.data.Dataset):
     """
 
     num_classes: int
-    #: ``data.dataset`` name, and the ``data.kwargs`` keys ``from_config`` passes on to the constructor
+    #: ``data.dataset`` name, for messages
     config_name: str = "file"
-    config_kwargs: tuple[str, ...] = ()
+    #: constructor arguments ``from_config`` sets from other ``data`` keys (not settable in ``data.kwargs``)
+    SET_FROM_CONFIG = ("root", "split", "tasks", "num_classes", "transform", "mean", "std", "seed", "skip_bad")
 
     @classmethod
     def check_config_kwargs(cls, kwargs: dict) -> None:
-        """ConfigError naming ``data.kwargs.<key>`` for a key this dataset does not take."""
-        for key in kwargs:
-            if key not in cls.config_kwargs:
-                allowed = (f"choose from: {', '.join(cls.config_kwargs)}" if cls.config_kwargs
-                           else "it takes none")
-                from ..config import ConfigError
+        """ConfigError naming ``data.kwargs.<key>`` for a key the constructor does not take (checked
+        against its signature) or one ``from_config`` sets from another ``data`` key."""
+        from ..registry import check_kwargs
 
-                raise ConfigError(f"data.kwargs.{key}: unknown option for the {cls.config_name} dataset "
-                                  f"({allowed})")
+        check_kwargs(cls, kwargs, "data.kwargs", f"the {cls.config_name} dataset", injected=cls.SET_FROM_CONFIG)
 
     def __init__(self, transform=None, mean: Sequence[float] = (0.485, 0.456, 0.406),
                  std: Sequence[float] = (0.229, 0.224, 0.225), seed: int = 0, skip_bad: bool = False):

@@ -159,7 +159,7 @@ def test_tasks_num_classes_and_kwargs_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"data.tasks"):
         build_dataset(data, "train")
     data.tasks, data.kwargs = ["det"], {"year": 2017}
-    with pytest.raises(ConfigError, match=r"data.kwargs.year: unknown option for the coco dataset"):
+    with pytest.raises(ConfigError, match=r"data.kwargs.year: unexpected argument for the coco dataset \(accepted: none\)"):
         build_dataset(data, "train")
 
 

@@ -189,3 +189,14 @@ def test_bad_box_lines_name_the_file_and_line(tmp_path, line, message):
     path.write_text(line + "\n")
     with pytest.raises(DataError, match=re.escape(str(path)) + ": " + message):
         FolderDataset(tmp_path, "train", tasks=("det",)).read_raw(0)
+
+
+def test_data_kwargs_are_checked_against_the_constructor(tmp_path):
+    F.write_custom(tmp_path, "train", stems=("a",))
+    base = dict(dataset="custom", root=str(tmp_path), num_classes=4)
+    with pytest.raises(ConfigError, match=r"data.kwargs.depth_scal: unexpected argument for the custom dataset "
+                                          r"\(accepted: depth_scale\)"):
+        build_dataset(DataConfig(**base, kwargs={"depth_scal": 1000}), "train")
+    with pytest.raises(ConfigError, match=r"data.kwargs.seed: set automatically for the custom dataset"):
+        build_dataset(DataConfig(**base, kwargs={"seed": 3}), "train")
+    assert build_dataset(DataConfig(**base, kwargs={"depth_scale": 500.0}), "train").depth_scale == 500.0
