@@ -78,7 +78,6 @@ def test_pictures_draw_predicted_and_true_boxes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_onnx_export_of_a_detection_model_decodes_to_the_same_boxes(tmp_path):
     from mtvision.export import check_onnx, export_onnx, onnx_outputs, read_onnx_metadata
 

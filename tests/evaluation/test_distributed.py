@@ -63,7 +63,6 @@ def _assert_same(a, b, rel=0.0):
 
 
 @pytest.mark.distributed
-@pytest.mark.distributed
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_gloo_processes_match_one_process(tmp_path):
     run_two_processes(_worker, tmp_path)
