@@ -43,7 +43,8 @@ import torch.distributed as dist
 
 from mtvision.engine import Trainer
 from mtvision.engine.checkpoint import CheckpointError
-from mtvision.engine.cli import add_config_arguments, config_from_args, exit_on_user_error, peek_checkpoint
+from mtvision.engine.cli import (add_config_arguments, config_from_args, exit_on_user_error, is_user_error,
+                                 peek_checkpoint)
 from mtvision.engine.logging import format_table
 from mtvision.engine.trainer import TrainingError
 
@@ -108,6 +109,13 @@ def main(argv=None) -> int:
             metrics = trainer.train()
         except TrainingError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 1
+        except Exception as e:  # noqa: BLE001 - a failure after training started: one line, details in train.log
+            if is_user_error(e):
+                raise  # exit_on_user_error prints it (status 2)
+            first = (str(e).strip().splitlines() or [""])[-1]
+            print(f"error: training failed at iteration {trainer.iteration}: {type(e).__name__}: {first} "
+                  f"(last.pth saved; the traceback is in {Path(trainer.work_dir) / 'train.log'})", file=sys.stderr)
             return 1
         if not trainer.is_main:
             return 0

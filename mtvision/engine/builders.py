@@ -3,9 +3,12 @@ tasks against the model's heads, the input size against the backbone."""
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import random
+import signal
+import weakref
 from typing import Any
 
 import numpy as np
@@ -25,6 +28,7 @@ __all__ = [
     "check_train_switches",
     "check_input_size",
     "compile_model",
+    "release_workers",
     "check_tasks",
     "resolve_device",
     "seed_everything",
@@ -52,12 +56,15 @@ def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: derive ``random`` and NumPy seeds from the worker's torch seed
     (itself drawn from the loader's generator), so augmentation randomness repeats run to run.
 
-    The worker also leaves the trainer's process group: a signal to the whole group (Slurm's and
-    Kubernetes' SIGTERM, Ctrl-C's SIGINT, torchrun's forwarding) then reaches the main process only,
-    which finishes its step, saves and shuts the workers down, instead of the workers dying under it.
-    Signals sent to the worker itself (the loader's and multiprocessing's shutdown) still end it; a worker
-    whose main process is gone exits by itself (torch's worker watchdog)."""
+    The worker leaves the trainer's process group and ignores SIGTERM / SIGINT, so that a preemption
+    signal, whether sent to the process group (torchrun, Ctrl-C), to every process of a cgroup
+    (systemd, Slurm's proctrack/cgroup) or to the worker itself, never kills a worker under the main
+    process: the main process finishes its step, saves, and shuts its workers down through their queues
+    (``Trainer.train``; and at interpreter exit, :func:`build_dataloader`'s exit hook). A worker whose
+    main process is gone exits by itself (torch's worker watchdog)."""
     os.setpgrp()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
@@ -91,7 +98,7 @@ def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int, *, tra
         sampler.set_epoch(0)
     else:
         sampler = ShardSampler(dataset, world_size, rank)
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=local_batch,
         sampler=sampler,
@@ -103,6 +110,21 @@ def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int, *, tra
         persistent_workers=train and num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+    if num_workers > 0:
+        # Workers ignore SIGTERM (see seed_worker), and multiprocessing's own exit handler stops its children
+        # with SIGTERM and waits for them: a persistent iterator still alive then would never end. This hook,
+        # registered later, runs first and shuts the workers down through their queues.
+        atexit.register(release_workers, weakref.ref(loader))
+    return loader
+
+
+def release_workers(loader) -> None:
+    """Shut down the worker processes of ``loader`` (a DataLoader or a weak reference to one) that a
+    persistent iterator keeps alive, through their queues (they ignore SIGTERM)."""
+    loader = loader() if isinstance(loader, weakref.ref) else loader
+    if loader is not None and getattr(loader, "_iterator", None) is not None:
+        loader._iterator._shutdown_workers()  # what its __del__ does; torch keeps it private
+        loader._iterator = None
 
 
 def _param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:

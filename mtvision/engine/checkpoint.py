@@ -217,6 +217,10 @@ def restore_training_state(trainer, path: PathLike) -> None:
     t.model.load_state_dict(state["model"])
     _load_optimizer_state(t.optimizer, state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
+    # the schedule follows this run's config (train.max_iters may have grown), not the saved one's
+    from .builders import LRLambda
+
+    t.scheduler.lr_lambdas = [LRLambda(t.cfg.schedule, t.cfg.train.max_iters) for _ in t.scheduler.lr_lambdas]
     if "scaler" in state and t.scaler.is_enabled():
         t.scaler.load_state_dict(state["scaler"])
     t.balancer.load_state_dict(state.get("balancer") or {})

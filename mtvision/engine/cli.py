@@ -22,7 +22,7 @@ from ..data.io import DataError
 from .builders import build_dataloader, check_amp, check_tasks, resolve_device
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 
-__all__ = ["CHECKPOINT_CONFIG_HELP", "RUN_DATA_KEYS", "add_config_arguments", "checkpoint_config",
+__all__ = ["CHECKPOINT_CONFIG_HELP", "RUN_DATA_KEYS", "add_config_arguments", "checkpoint_config", "is_user_error",
            "checkpoint_tool_parser", "config_for_checkpoint", "config_from_args", "exit_on_user_error",
            "load_trained_model", "peek_checkpoint", "tasks_without_baseline", "val_loader"]
 
@@ -225,7 +225,8 @@ def _user_message(e: Exception) -> str:
     return text
 
 
-def _is_user_error(e: Exception) -> bool:
+def is_user_error(e: Exception) -> bool:
+    """True for the errors a user fixes (config, file, data, checkpoint): one line, exit status 2."""
     if isinstance(e, (ConfigError, FileNotFoundError, CheckpointError, DataError)):
         return True
     # A DataError raised in a DataLoader worker comes back as a RuntimeError (DataError's constructor
@@ -243,7 +244,7 @@ def exit_on_user_error(main: Callable[[Optional[Sequence[str]]], int]):
         try:
             return main(argv)
         except (ConfigError, FileNotFoundError, CheckpointError, DataError, RuntimeError) as e:
-            if not _is_user_error(e):
+            if not is_user_error(e):
                 raise
             print(f"error: {_user_message(e)}", file=sys.stderr)
             return 2

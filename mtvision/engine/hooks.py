@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..distributed import broadcast_buffers
 from .evaluator import primary_score
-from .logging import ScalarWriter, setup_logger
+from .logging import ScalarWriter, log_traceback_to_file, setup_logger
 from .utils import write_json
 
 if TYPE_CHECKING:
@@ -258,6 +258,7 @@ class CheckpointHook(HookBase):
             t.logger.error("run failed at iteration %d (%s: %s); saved %s (resume with --resume)", t.iteration,
                            type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "",
                            path)
+            log_traceback_to_file(t.logger, exc)
         except Exception as save_error:  # noqa: BLE001 - the original error is the one to report
             t.logger.error("run failed at iteration %d and last.pth could not be written: %s", t.iteration,
                            save_error)
@@ -273,7 +274,8 @@ def log_setup(self) -> None:
         "batch %d", self.cfg.model.backbone.get("name"), self.cfg.model.backbone.get("pretrained"),
         self.tasks, n_params / 1e6, len(self.train_set), len(self.val_set), self.cfg.data.batch_size)
     if self.env.distributed:
-        log("distributed: %d processes, %d samples per process and step", self.env.world_size,
+        log("distributed: %d processes (%s), %d samples per process and step", self.env.world_size,
+            torch.distributed.get_backend(),
             self.cfg.data.batch_size // self.env.world_size)
     for split, problems in self.bad_samples.items():
         log("data.check: read all %s samples of the %s split; %d unreadable (skipped: data.skip_bad)%s",

@@ -12,7 +12,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-__all__ = ["TqdmHandler", "ScalarWriter", "setup_logger", "format_table"]
+__all__ = ["TqdmHandler", "ScalarWriter", "setup_logger", "log_traceback_to_file", "format_table"]
 
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -49,6 +49,15 @@ def setup_logger(work_dir: Optional[Path], name: str = "mtvision", console: bool
         ch.setFormatter(fmt)
         logger.addHandler(ch)
     return logger
+
+
+def log_traceback_to_file(logger: logging.Logger, exc: BaseException) -> None:
+    """Write ``exc``'s traceback to ``logger``'s files only (the console gets the one-line error)."""
+    record = logger.makeRecord(logger.name, logging.ERROR, "", 0, "traceback of the failure:", (),
+                               (type(exc), exc, exc.__traceback__))
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 class ScalarWriter:

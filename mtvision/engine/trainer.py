@@ -23,7 +23,7 @@ from ..distributed import all_gather_objects, broadcast_parameters, init_distrib
 from ..losses import MultiTaskLoss
 from ..models import build_model
 from ..tasks import build_tasks
-from .builders import (build_dataloader, compile_model, build_optimizer, build_scheduler, check_amp, check_input_size,
+from .builders import (build_dataloader, compile_model, release_workers, build_optimizer, build_scheduler, check_amp, check_input_size,
                        check_tasks, check_train_switches, resolve_device, seed_everything)
 from .checkpoint import restore_training_state, save_checkpoint, training_state
 from .evaluator import evaluate_model
@@ -146,9 +146,6 @@ class Trainer:
     @property
     def epoch(self) -> int:
         return self.data_position[0]
-
-    # ------------------------------------------------------------------------------------------------
-    # Data
 
     def _next_batch(self) -> dict:
         """The next training batch, one epoch (fresh permutation) after another, from ``data_position``;
@@ -293,6 +290,8 @@ class Trainer:
                 hook.on_exception(exc)
             raise
         finally:
+            self._batches = None
+            release_workers(self.train_loader)  # they ignore SIGTERM: ended through their queues
             for hook in reversed(self.hooks):
                 hook.after_train()
         return self.last_metrics

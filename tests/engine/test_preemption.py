@@ -231,24 +231,16 @@ def test_sigterm_to_the_torchrun_launcher_with_dataloader_workers_stops_both_ran
 
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "engine: DataLoader workers leave the process group (seed_worker: os.setpgrp) but still die of a "
-    "SIGTERM sent to each of them, as systemd (KillMode=control-group) and Slurm with proctrack/cgroup "
-    "signal every process of the job; see the docstring"))
 def test_sigterm_to_every_process_of_the_job_saves_and_exits_0(tmp_path):
     """SIGTERM to the main process and to each DataLoader worker separately, the way a stop reaches a
     job whose processes are tracked by cgroup rather than by process group (``systemctl stop`` with
     the default ``KillMode=control-group``, Slurm's ``proctrack/cgroup``, ``kill`` of every pid of a
-    container): the run should still finish its step, save, and exit 0.
+    container): the run still finishes its step, saves, and exits 0.
 
-    It does not (expected failure, strict: it fails loudly once fixed): the workers have torch's
-    SIGTERM handler (exit quietly only when the parent sends it, else die of it), so they die, torch's
-    SIGCHLD handler raises "DataLoader worker (pid N) is killed by signal: Terminated" in the main
-    process, which saves ``last.pth`` through the crash path and exits 1 with a traceback. Workers that
-    ignore SIGTERM/SIGINT (04df1ed) plus the trainer shutting its persistent loader workers down at the
-    end of ``train()`` (e.g. dropping ``train_loader._iterator`` and its own batch iterator in the
-    ``finally``, so that ``multiprocessing``'s exit never has to terminate-and-join them) pass this
-    test and the process-group test above; measured on a scratch copy, not applied here."""
+    Before, the workers kept torch's SIGTERM handler and died of it; torch's SIGCHLD handler then raised
+    "DataLoader worker (pid N) is killed by signal: Terminated" in the main process, which exited 1 with
+    a traceback. Now the workers ignore SIGTERM/SIGINT and the trainer shuts them down through their
+    queues at the end of ``train()``."""
     cfg = _config(tmp_path, "each", data={"num_workers": 2}, max_iters=200, eval_interval=1000,
                   checkpoint_interval=1000, log_interval=1)
     work = tmp_path / "each"
