@@ -220,7 +220,10 @@ def restore_training_state(trainer, path: PathLike) -> None:
     # the schedule follows this run's config (train.max_iters may have grown), not the saved one's
     from .builders import LRLambda
 
-    t.scheduler.lr_lambdas = [LRLambda(t.cfg.schedule, t.cfg.train.max_iters) for _ in t.scheduler.lr_lambdas]
+    sched = t.scheduler
+    sched.lr_lambdas = [LRLambda(t.cfg.schedule, t.cfg.train.max_iters) for _ in sched.lr_lambdas]
+    for group, base, factor in zip(t.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * factor(sched.last_epoch)
     if "scaler" in state and t.scaler.is_enabled():
         t.scaler.load_state_dict(state["scaler"])
     t.balancer.load_state_dict(state.get("balancer") or {})

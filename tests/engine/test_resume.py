@@ -221,3 +221,20 @@ def test_resume_is_bit_exact_with_augmentation_and_workers(tmp_path):
     second.resume(tmp_path / "resumed" / "checkpoints" / "last.pth")
     second.train()
     _assert_same_state(straight, second)
+
+
+def test_resume_with_more_iterations_follows_the_new_schedule(tmp_path):
+    """Training a finished run further (a larger train.max_iters) continues the LR schedule of the new
+    config; the checkpoint's saved schedule (the old max_iters) would leave the LR where it ended."""
+    first = _trainer(tmp_path, "grow", ["train.max_iters=4"])
+    first.train()
+    longer = _trainer(tmp_path, "grow", ["train.max_iters=8"])
+    longer.resume(tmp_path / "grow" / "checkpoints" / "last.pth")
+    assert longer.scheduler.lr_lambdas[0].max_iters == 8 and longer.iteration == 4
+    lr0 = longer.optimizer.param_groups[0]["initial_lr"]
+    # the next update (iteration 4 of a cosine over 8) uses lr0 * (1 + cos(pi / 2)) / 2; the old schedule
+    # had ended at 0
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * lr0, rel=1e-9)
+    longer.train()
+    # cosine to 0 over 8 iterations: after iteration 7 (the last update) the LR is lr0 * (1 + cos(pi))/2 = 0
+    assert longer.iteration == 8 and longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12 * lr0)
