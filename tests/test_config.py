@@ -286,8 +286,12 @@ def test_data_check_is_true_false_or_null():
 def err(fn, *args):
     with pytest.raises(ConfigError) as info:
         fn(*args)
-    assert isinstance(info.value, ValueError)
     return str(info.value)
+
+
+def test_config_errors_are_value_errors():
+    """Callers that catch ValueError (argument errors in general) also catch config errors."""
+    assert issubclass(ConfigError, ValueError)
 
 
 def test_unknown_key_names_key_file_and_suggestion(tmp_path):

@@ -128,6 +128,7 @@ def test_readme_plugin_example_is_the_tested_file_and_its_config_trains(tmp_path
     assert "edges/F1" in json.loads((work / "metrics.json").read_text())["final"]
 
 
+@pytest.mark.slow
 def test_missing_plugin_is_a_config_error_naming_the_key(tmp_path):
     config = write_tiny_config(tmp_path)
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), str(config),

@@ -34,7 +34,8 @@ def test_shipped_config_is_valid(path):
 
 def test_one_config_per_balancing_method():
     names = {p.stem for p in CONFIGS if p.parent.name == "balancing"}
-    assert set(BALANCERS) <= names
+    builtin = {n for n, cls in BALANCERS.items() if cls.__module__.startswith("mtvision.")}  # not a test's plugin
+    assert builtin <= names
     assert {"mgda_rep", "pcgrad_rep", "upgrad_rep"} <= names
 
 

@@ -85,6 +85,7 @@ def test_eval_with_a_checkpoint_of_another_model_fails_cleanly(trained, tmp_path
     assert "does not match the model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_onnx_writes_a_file_onnxruntime_agrees_with(trained, tmp_path, capsys):
     config, work = trained
     out = tmp_path / "onnx" / "tiny.onnx"
@@ -120,6 +121,7 @@ def test_config_errors_exit_non_zero_naming_the_key(tmp_path, capsys, override, 
     assert err.startswith("error: ") and message in err
 
 
+@pytest.mark.slow
 def test_missing_config_file_through_the_command_line(tmp_path):
     missing = tmp_path / "nope.yaml"
     proc = subprocess.run([sys.executable, "tools/train.py", str(missing)], cwd=ROOT, capture_output=True,

@@ -19,7 +19,7 @@ import torch
 from ..config import (Config, ConfigError, ModelConfig, apply_overrides, config_from_dict, config_to_dict,
                       load_config)
 from ..data.io import DataError
-from .builders import build_dataloader, check_amp, check_tasks, resolve_device
+from .builders import build_dataloader, check_amp, check_input_size, check_tasks, resolve_device
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 
 __all__ = ["CHECKPOINT_CONFIG_HELP", "RUN_DATA_KEYS", "add_config_arguments", "checkpoint_config", "is_user_error",
@@ -275,6 +275,7 @@ def load_trained_model(cfg: Config, checkpoint: str):
         # the checkpoint holds every weight: the file that initialised training need not exist here
         model_cfg["backbone"]["pretrained"] = None
     model = build_model(model_cfg).to(device)
+    check_input_size(model, cfg.data.size)
     state = load_model_weights(model, checkpoint)
     model.eval()
     return model, state, device

@@ -31,6 +31,7 @@ def _config(tmp_path, root, overrides=()):
                                   "depth: {name: depth, channels: 16}}", *overrides])
 
 
+@pytest.mark.slow
 def test_data_check_stops_before_any_work_naming_the_file(tmp_path):
     root = _folders(tmp_path)
     bad = root / "val" / "seg" / "c.png"
@@ -44,6 +45,7 @@ def test_data_check_stops_before_any_work_naming_the_file(tmp_path):
         late.train()
 
 
+@pytest.mark.slow
 def test_skip_bad_names_every_skipped_file_in_training_and_evaluation(tmp_path):
     root = _folders(tmp_path)
     bad_train = root / "train" / "depth" / "b.png"
@@ -72,6 +74,7 @@ def test_vit_input_size_is_checked_before_any_work(tmp_path):
         Trainer(cfg, console=False, progress=False)
 
 
+@pytest.mark.slow
 def test_a_failure_after_training_started_saves_last_pth_at_the_failing_step(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, ["train.max_iters=6", "train.checkpoint_interval=100",
                                              "train.eval_interval=100"]), console=False, progress=False)

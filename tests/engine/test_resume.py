@@ -163,6 +163,7 @@ def _train_cmd(cfg_path, *extra):
     return [sys.executable, str(ROOT / "tools" / "train.py"), str(cfg_path), "--no-progress", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_exits_zero_then_resume_finishes(tmp_path, signum):
     from .helpers import write_tiny_config
@@ -192,6 +193,7 @@ def test_signal_saves_and_exits_zero_then_resume_finishes(tmp_path, signum):
     assert f"resumed from {ckpt}" in (tmp_path / "work" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_resume_flag_without_checkpoint_starts_fresh(tmp_path):
     from .helpers import write_tiny_config
 
