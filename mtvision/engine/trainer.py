@@ -194,13 +194,15 @@ class Trainer:
         with self.autocast():
             forward = self.balancer.forward(self.forward_model, data["image"])
         losses = self.loss_fn.task_losses(forward.outputs, data)
-        # one collective: every process takes the same decisions (weights, skip, stop)
-        T = len(self.tasks)
-        local = [float(self.stop_signal is not None), float(len(files))]
-        agreed = mean_over_processes(torch.cat([losses.detach().float(), losses.new_tensor(local)]))
-        mean_losses, flags = agreed[:T], agreed[T:] * self.env.world_size
+        # one collective: every process takes the same decisions (weights, skip, stop); alone, no copy at all
+        T, local = len(self.tasks), [float(self.stop_signal is not None), float(len(files))]
+        mean_losses, flags = losses.detach().float(), None
+        if self.env.distributed:
+            agreed = mean_over_processes(torch.cat([mean_losses, losses.new_tensor(local)]))
+            mean_losses, flags = agreed[:T], agreed[T:] * self.env.world_size
         clip = self.cfg.train.grad_clip
         result = self.balancer.backward(losses, mean_losses, forward, flags, scaler=self.scaler, max_norm=clip)
+        stop, dropped = result.extra if flags is not None else local
         skip = result.skip
         if not skip and clip is not None and not result.clipped:
             self.scaler.unscale_(self.optimizer)
@@ -216,9 +218,9 @@ class Trainer:
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         self.iteration += 1
-        if self.env.distributed and result.extra[1] > 0:  # every process's dropped samples, named everywhere
+        if self.env.distributed and dropped > 0:  # every process's dropped samples, named everywhere
             files = [f for names in all_gather_objects(files) for f in names]
-        return StepOutcome(result.values, skip, result.extra[0] > 0, files, result.grad_norm)
+        return StepOutcome(result.values, skip, stop > 0, files, result.grad_norm)
 
     def after_step(self, outcome: StepOutcome) -> StepOutcome:
         """Every hook's ``after_step`` (counting, logging, evaluation, checkpoints) for a step taken."""
