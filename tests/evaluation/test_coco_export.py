@@ -161,6 +161,6 @@ def test_eval_tool_writes_results_and_prints_the_official_numbers(tmp_path, caps
     assert all(v is None or 0 <= v <= 100 for v in summary["coco_official"].values())
     # not a COCO dataset: a clear error before any work
     rc = _tool("eval").main([str(config), "--checkpoint", str(tmp_path / "work" / "checkpoints" / "last.pth"),
-                             "--coco-export", str(out), "data.dataset=synthetic", "data.root=null"])
+                             "--coco-export", str(out), *overrides, "data.dataset=synthetic", "data.root=null"])
     assert rc == 2
     assert "--coco-export: needs data.dataset=coco" in capsys.readouterr().err

@@ -138,9 +138,12 @@ def test_vit_exports_with_sizes_in_multiples_of_the_patch(tmp_path):
     with pytest.raises(ExportError, match="multiples of 16"):
         export_onnx(model, tmp_path / "vit.onnx", (40, 48))
     assert not (tmp_path / "vit.onnx").exists()
-    path = export_onnx(model, tmp_path / "vit.onnx", (32, 48), dynamic_size=True)
+    # sizes whose stride-32 level is more than 1x1: a one-pixel map puts one value in each GroupNorm
+    # group of the heads, whose normalisation then amplifies float rounding (1e-7 / sqrt(eps)) into
+    # differences between any two implementations, not an export error
+    path = export_onnx(model, tmp_path / "vit.onnx", (64, 80), dynamic_size=True)
     assert read_onnx_metadata(path)["size_multiple"] == 16
-    for shape in [(2, 3, 32, 48), (1, 3, 64, 32)]:
+    for shape in [(2, 3, 64, 80), (1, 3, 96, 64)]:
         check_onnx(path, model, torch.randn(*shape, generator=torch.Generator().manual_seed(3)))
 
 
