@@ -85,10 +85,12 @@ class EdgeHead(nn.Module):
     def __init__(self, in_channels, strides, channels: int = 32):
         super().__init__()
         first = in_channels[0] if isinstance(in_channels, (list, tuple)) else in_channels
-        self.conv = nn.Sequential(nn.Conv2d(first, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, 1, 1))
+        self.conv = nn.Sequential(nn.Conv2d(first, channels, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(channels, 1, 1))
 
     def forward(self, features, image_size):
-        return F.interpolate(self.conv(features[0]), size=tuple(image_size), mode="bilinear", align_corners=False)
+        return F.interpolate(self.conv(features[0]), size=tuple(image_size), mode="bilinear",
+                             align_corners=False)
 
 
 @BALANCERS.register("initial_loss")

@@ -55,7 +55,8 @@ class Registry(Mapping):
         def add(obj):
             key = name if name is not None else obj.__name__.lower()
             if not isinstance(key, str) or not key or "." in key:
-                raise ValueError(f"{self.kind} registry: names are non-empty strings without '.', got {key!r}")
+                raise ValueError(f"{self.kind} registry: names are non-empty strings without '.', "
+                                 f"got {key!r}")
             if key in self._entries and self._entries[key] is not obj and not override:
                 raise ValueError(f"{self.kind} {key!r} is already registered ({self._entries[key]!r}); "
                                  f"pick another name or pass override=True")
@@ -105,7 +106,8 @@ class Registry(Mapping):
         return f"Registry({self.kind!r}, {list(self)})"
 
 
-def check_kwargs(cls: Any, kwargs: Mapping[str, Any], key: str, what: str, injected: Sequence[str] = ()) -> None:
+def check_kwargs(cls: Any, kwargs: Mapping[str, Any], key: str, what: str,
+                 injected: Sequence[str] = ()) -> None:
     """ConfigError naming ``key.arg`` for an argument ``cls`` does not take, one set automatically
     (``injected``), or a required one missing. A constructor taking ``**kwargs`` accepts any name."""
     target = cls.__init__ if isinstance(cls, type) else cls
@@ -132,7 +134,8 @@ def import_custom_modules(modules: Sequence[str], key: str = "custom_imports") -
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise _config_error(f"{key}[{i}]: cannot import {name!r}: {e} (is its folder on PYTHONPATH?)") from e
+            raise _config_error(f"{key}[{i}]: cannot import {name!r}: {e} "
+                                "(is its folder on PYTHONPATH?)") from e
 
 
 HEADS = Registry("head", ["mtvision.models.heads"])

@@ -82,9 +82,10 @@ def test_plugin_boundaries_and_metric_against_a_direct_computation():
 
 
 def _train(args, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "examples"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *args, "--no-progress"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "examples"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *args, "--no-progress"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -92,7 +93,8 @@ def test_plugin_trains_with_custom_imports_override(tmp_path):
     """The issue's command: CONFIG custom_imports=[my_plugin], a new head and balancing method by name."""
     config = write_tiny_config(tmp_path)
     work = tmp_path / "run"
-    run = _train([str(config), "custom_imports=[my_plugin]", f"work_dir={work}", "data.tasks=[seg,depth,edges]",
+    run = _train([str(config), "custom_imports=[my_plugin]", f"work_dir={work}",
+                  "data.tasks=[seg,depth,edges]",
                   "model.heads={seg: {name: segmentation, num_classes: 6, channels: 16}, "
                   "depth: {name: depth, channels: 16}, edges: {name: edge_head, channels: 8}}",
                   "balancer.name=initial_loss", "balancer.kwargs={scale: 2.0}", "train.max_iters=3",

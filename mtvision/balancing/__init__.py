@@ -25,8 +25,10 @@ __all__ = [
 ]
 
 #: The built-in loss weightings and gradient methods by config name (views of ``BALANCERS`` at import).
-LOSS_WEIGHTINGS = {n: c for n, c in BALANCERS.items() if isinstance(c, type) and issubclass(c, LossWeighting)}
-AGGREGATORS = {n: c for n, c in BALANCERS.items() if isinstance(c, type) and issubclass(c, GradientAggregator)}
+LOSS_WEIGHTINGS = {n: c for n, c in BALANCERS.items()
+                   if isinstance(c, type) and issubclass(c, LossWeighting)}
+AGGREGATORS = {n: c for n, c in BALANCERS.items()
+               if isinstance(c, type) and issubclass(c, GradientAggregator)}
 
 
 def is_gradient_method(name: str) -> bool:
@@ -46,8 +48,8 @@ def build_balancer(name: str, num_tasks: int, **kw):
     what = f"balancing method {name!r}"
     gradient = isinstance(cls, type) and issubclass(cls, GradientAggregator)
     if not gradient and not (isinstance(cls, type) and issubclass(cls, LossWeighting)):
-        raise ValueError(f"balancer.name: {name!r} is registered as {cls!r}, which is neither a LossWeighting "
-                         "nor a GradientAggregator subclass")
+        raise ValueError(f"balancer.name: {name!r} is registered as {cls!r}, which is neither a "
+                         "LossWeighting nor a GradientAggregator subclass")
     check_kwargs(cls, kw, "balancer.kwargs", what, injected=() if gradient else ("num_tasks",))
     try:
         return cls(**kw) if gradient else cls(num_tasks, **kw)

@@ -134,7 +134,8 @@ class GradientBalancer(Balancer):
         head_inputs = [f.detach().requires_grad_() for f in features]
         return Forward(model.forward_heads(head_inputs, images.shape[-2:]), features, head_inputs)
 
-    def backward(self, losses, mean_losses, forward, extra=None, *, scaler=None, max_norm=None) -> BalanceResult:
+    def backward(self, losses, mean_losses, forward, extra=None, *, scaler=None,
+                 max_norm=None) -> BalanceResult:
         fp16 = scaler is not None and scaler.is_enabled()
         T = len(self.tasks)
         # the logged values come back with the Gramian (the step's one wait for the device)
@@ -279,7 +280,8 @@ class GradientBalancer(Balancer):
 
     def combine(self, losses: Tensor, outputs: Sequence[Tensor], features: Optional[Sequence[Tensor]] = None,
                 head_inputs: Optional[Sequence[Tensor]] = None, inv_scale: Optional[float] = None,
-                read_with_gram: Optional[Tensor] = None, max_norm: Optional[float] = None) -> GradientCombination:
+                read_with_gram: Optional[Tensor] = None,
+                max_norm: Optional[float] = None) -> GradientCombination:
         """Sets ``.grad`` of every shared and task parameter from the per-task gradients combined with the
         method's weights; returns what was decided (:class:`GradientCombination`).
 
@@ -312,7 +314,8 @@ class GradientBalancer(Balancer):
             if max_norm is not None:  # comes to the host with the Gramian
                 head_norm = buffers[0].new_zeros(()) if not heads else torch.linalg.vector_norm(
                     torch.stack(torch._foreach_norm([p.grad for p in heads])))
-            c, head_norm = self._solve_on_host(buffers, inv_scale, read_with_gram=read_with_gram, extra=head_norm)
+            c, head_norm = self._solve_on_host(buffers, inv_scale, read_with_gram=read_with_gram,
+                                                extra=head_norm)
             w_host = c.weights_host
             if c.finite and max_norm is not None:
                 w_host = w_host * self._clip_factor(c, [p.grad for p in heads], head_norm, max_norm)
@@ -328,7 +331,8 @@ class GradientBalancer(Balancer):
         T = losses.shape[0]
         buffers = [f.new_empty((T, *f.shape)) for f in head_inputs]
         self._per_task_grads(losses, outputs, head_inputs, [[buf[t] for buf in buffers] for t in range(T)])
-        c, _ = self._solve_on_host(buffers, inv_scale, sum_across_processes=True, read_with_gram=read_with_gram)
+        c, _ = self._solve_on_host(buffers, inv_scale, sum_across_processes=True,
+                                   read_with_gram=read_with_gram)
         c.weights = c.weights_host.to(buffers[0].device, torch.float32, non_blocking=True)
         if not c.finite:
             return c

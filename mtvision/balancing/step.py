@@ -134,7 +134,8 @@ class LossWeightingBalancer(Balancer):
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.weighting.parameters() if p.requires_grad]
 
-    def backward(self, losses, mean_losses, forward, extra=None, *, scaler=None, max_norm=None) -> BalanceResult:
+    def backward(self, losses, mean_losses, forward, extra=None, *, scaler=None,
+                 max_norm=None) -> BalanceResult:
         w = self.weighting.weights(mean_losses)
         total = (w * losses).sum()
         extra_loss = self.weighting.extra_loss(losses)

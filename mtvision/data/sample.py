@@ -65,8 +65,8 @@ def check_raw_sample(raw: dict, num_classes: Optional[int] = None, source: Any =
             bad = (seg != IGNORE_INDEX) & ((seg < 0) | (seg >= num_classes))
             if bad.any():
                 values = np.unique(seg[bad])[:5].tolist()
-                raise DataError(src, "seg", f"label value(s) {values} out of range: expected 0..{num_classes - 1} "
-                                            f"or {IGNORE_INDEX} (ignore)")
+                raise DataError(src, "seg", f"label value(s) {values} out of range: expected "
+                                            f"0..{num_classes - 1} or {IGNORE_INDEX} (ignore)")
     if "depth" in raw:
         d = raw["depth"]
         if not np.isfinite(d).all() or (d < 0).any():
@@ -100,7 +100,8 @@ def to_tensor_sample(raw: dict, mean: Sequence[float], std: Sequence[float]) -> 
     if "depth" in raw:
         out["depth"] = torch.from_numpy(np.ascontiguousarray(raw["depth"], dtype=np.float32)[None])
     if "normal" in raw:
-        out["normal"] = torch.from_numpy(np.ascontiguousarray(raw["normal"].transpose(2, 0, 1), dtype=np.float32))
+        out["normal"] = torch.from_numpy(
+            np.ascontiguousarray(raw["normal"].transpose(2, 0, 1), dtype=np.float32))
     if "boxes" in raw:
         out["boxes"] = torch.from_numpy(np.ascontiguousarray(raw["boxes"], dtype=np.float32).reshape(-1, 4))
         out["labels"] = torch.from_numpy(np.ascontiguousarray(raw.get("labels", ()), dtype=np.int64))
@@ -139,7 +140,8 @@ class RawDataset(torch.utils.data.Dataset):
     #: ``data.dataset`` name, for messages
     config_name: str = "file"
     #: constructor arguments ``from_config`` sets from other ``data`` keys (not settable in ``data.kwargs``)
-    SET_FROM_CONFIG = ("root", "split", "tasks", "num_classes", "transform", "mean", "std", "seed", "skip_bad")
+    SET_FROM_CONFIG = ("root", "split", "tasks", "num_classes", "transform", "mean", "std", "seed",
+                       "skip_bad")
 
     @classmethod
     def check_config_kwargs(cls, kwargs: dict) -> None:
@@ -147,7 +149,8 @@ class RawDataset(torch.utils.data.Dataset):
         against its signature) or one ``from_config`` sets from another ``data`` key."""
         from ..registry import check_kwargs
 
-        check_kwargs(cls, kwargs, "data.kwargs", f"the {cls.config_name} dataset", injected=cls.SET_FROM_CONFIG)
+        check_kwargs(cls, kwargs, "data.kwargs", f"the {cls.config_name} dataset",
+                     injected=cls.SET_FROM_CONFIG)
 
     def __init__(self, transform=None, mean: Sequence[float] = (0.485, 0.456, 0.406),
                  std: Sequence[float] = (0.229, 0.224, 0.225), seed: int = 0, skip_bad: bool = False):

@@ -250,8 +250,8 @@ def check_input_size(model: nn.Module, size) -> None:
     multiple = int(getattr(getattr(model, "backbone", None), "patch_size", 1) or 1)
     if any(int(s) % multiple for s in size):
         fit = [max(multiple, round(int(s) / multiple) * multiple) for s in size]
-        raise ConfigError(f"data.size: {list(size)} is not a multiple of the backbone's patch size {multiple} "
-                          f"(a ViT's input must be); use e.g. data.size=[{fit[0]},{fit[1]}]")
+        raise ConfigError(f"data.size: {list(size)} is not a multiple of the backbone's patch size "
+                          f"{multiple} (a ViT's input must be); use e.g. data.size=[{fit[0]},{fit[1]}]")
 
 
 def compile_model(model: nn.Module, retains_graph: bool) -> None:
@@ -272,8 +272,8 @@ def check_train_switches(train, device: torch.device, world_size: int) -> None:
     """ConfigError naming the ``train.*`` key of a speed switch this setup cannot run: ``sync_bn`` with
     several processes needs CUDA (torch's SyncBatchNorm has no CPU kernel)."""
     if train.sync_bn and world_size > 1 and device.type != "cuda":
-        raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA devices (torch has no CPU implementation); "
-                          "set it to false on CPU, or use a model without BatchNorm (e.g. "
+        raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA devices (torch has no CPU "
+                          "implementation); set it to false on CPU, or use a model without BatchNorm (e.g. "
                           "model.backbone.timm_kwargs.norm_layer=groupnorm)")
 
 

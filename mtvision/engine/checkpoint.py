@@ -188,7 +188,8 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None
         for p in group["params"]:
             step = optimizer.state.get(p, {}).get("step")
             if torch.is_tensor(step):
-                optimizer.state[p]["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
+                optimizer.state[p]["step"] = step.to(device=p.device if on_device else "cpu",
+                                                     dtype=torch.float32)
 
 
 def restore_training_state(trainer, path: PathLike) -> None:

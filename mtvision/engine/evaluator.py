@@ -114,8 +114,8 @@ def primary_score(metrics: Mapping[str, float], tasks: Sequence[str]) -> float:
     """Model-selection score for ``best.pth``; higher is better.
 
     The mean over tasks of ``±log(M_t)`` for each task's primary metric ``M_t`` (``Task.primary_metric``:
-    seg mIoU, depth abs_err, normal mean angle, det AP), ``+`` where higher is better. Comparing two evaluations
-    by this score is comparing the geometric mean of their per-task ratios ``M_t / M'_t`` (a
+    seg mIoU, depth abs_err, normal mean angle, det AP), ``+`` where higher is better. Comparing two
+    evaluations by this score is comparing the geometric mean of their per-task ratios ``M_t / M'_t`` (a
     multiplicative Δm that needs no reference model); with one task it ranks by that task's metric.
     A missing or non-finite metric gives ``-inf`` (never best).
     """

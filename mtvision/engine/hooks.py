@@ -33,7 +33,8 @@ __all__ = ["HookBase", "SignalHook", "NonFiniteHook", "MetricWriterHook", "EvalH
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why and what to try."""
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why and what
+    to try."""
 
 
 class HookBase:
@@ -101,7 +102,8 @@ class NonFiniteHook(HookBase):
         t.consecutive_skips += 1
         shown = ", ".join(f"{k} {v:.4g}" for k, v in outcome.values.items())
         if t.logger is not None:
-            t.logger.warning("iter %d: non-finite loss or gradient (%s); step skipped (%d so far, %d in a row)",
+            t.logger.warning("iter %d: non-finite loss or gradient (%s); step skipped "
+                             "(%d so far, %d in a row)",
                              t.iteration, shown, t.skipped_steps, t.consecutive_skips)
         limit = t.cfg.train.max_consecutive_skips
         if t.consecutive_skips >= limit:
@@ -178,9 +180,9 @@ class MetricWriterHook(HookBase):
         if weights:
             losses += f"; weights {weights}"
         bad = f", skipped samples {t.skipped_samples}" if t.skipped_samples else ""
-        t.logger.info("iter %d/%d  epoch %d  lr %.3g  loss %.4f (%s)  %.0f ms/it (data %.0f)  skipped steps %d%s",
-                      t.iteration, t.cfg.train.max_iters, t.epoch, lr, means.get("total", math.nan), losses, ms,
-                      data_ms, t.skipped_steps, bad)
+        t.logger.info("iter %d/%d  epoch %d  lr %.3g  loss %.4f (%s)  %.0f ms/it (data %.0f)  "
+                      "skipped steps %d%s", t.iteration, t.cfg.train.max_iters, t.epoch, lr,
+                      means.get("total", math.nan), losses, ms, data_ms, t.skipped_steps, bad)
         self._sums.clear()
         self._count, self._t_log, self._last_log_iter = 0, time.perf_counter(), t.iteration
         self._data_seconds = t.data_seconds
@@ -193,10 +195,12 @@ class MetricWriterHook(HookBase):
             seconds = time.perf_counter() - self._t_start
             summary = run_summary(t, seconds)
             write_json(summary, t.work_dir / "metrics.json")
-            t.logger.info("done: %d iterations in %.1fs (step %.0f ms/it, data wait %.0f ms/it); %d steps skipped "
-                          "(non-finite), %d samples skipped (unreadable); best @ %s (score %.4f); outputs in %s",
-                          t.iteration, seconds, summary["step_ms_per_iter"], summary["data_wait_ms_per_iter"],
-                          t.skipped_steps, t.skipped_samples, t.best["iteration"], t.best["score"], t.work_dir)
+            t.logger.info("done: %d iterations in %.1fs (step %.0f ms/it, data wait %.0f ms/it); "
+                          "%d steps skipped (non-finite), %d samples skipped (unreadable); "
+                          "best @ %s (score %.4f); outputs in %s",
+                          t.iteration, seconds, summary["step_ms_per_iter"],
+                          summary["data_wait_ms_per_iter"], t.skipped_steps, t.skipped_samples,
+                          t.best["iteration"], t.best["score"], t.work_dir)
         if t.writer is not None:
             t.writer.close()
 
@@ -208,7 +212,8 @@ class EvalHook(HookBase):
 
     def after_step(self, outcome) -> None:
         t = self.trainer
-        if t.stopped_by is not None or not _due(t.iteration, t.cfg.train.eval_interval, t.cfg.train.max_iters):
+        if t.stopped_by is not None or not _due(t.iteration, t.cfg.train.eval_interval,
+                                                t.cfg.train.max_iters):
             return
         broadcast_buffers(t.model)
         t0 = time.perf_counter()
@@ -255,9 +260,9 @@ class CheckpointHook(HookBase):
             return
         try:
             path = t.save("last", gather=False)
-            t.logger.error("run failed at iteration %d (%s: %s); saved %s (resume with --resume)", t.iteration,
-                           type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "",
-                           path)
+            t.logger.error("run failed at iteration %d (%s: %s); saved %s (resume with --resume)",
+                           t.iteration, type(exc).__name__,
+                           str(exc).strip().splitlines()[-1] if str(exc).strip() else "", path)
             log_traceback_to_file(t.logger, exc)
         except Exception as save_error:  # noqa: BLE001 - the original error is the one to report
             t.logger.error("run failed at iteration %d and last.pth could not be written: %s", t.iteration,

@@ -23,8 +23,9 @@ from ..distributed import all_gather_objects, broadcast_parameters, init_distrib
 from ..losses import MultiTaskLoss
 from ..models import build_model
 from ..tasks import build_tasks
-from .builders import (build_dataloader, compile_model, release_workers, build_optimizer, build_scheduler, check_amp, check_input_size,
-                       check_tasks, check_train_switches, resolve_device, seed_everything)
+from .builders import (build_dataloader, compile_model, release_workers, build_optimizer, build_scheduler,
+                       check_amp, check_input_size, check_tasks, check_train_switches, resolve_device,
+                       seed_everything)
 from .checkpoint import restore_training_state, save_checkpoint, training_state
 from .evaluator import evaluate_model
 from .hooks import HookBase, TrainingError, default_hooks
@@ -56,13 +57,12 @@ class Trainer:
 
     ``Trainer(cfg).train()`` runs ``cfg.train.max_iters`` iterations (one global batch each, looping over
     epochs) and returns the final validation metrics (flat ``"task/metric"``). Around the steps the hooks
-    (``mtvision.engine.hooks``) write the work dir (``config.yaml``, ``train.log``, ``tb/``,
-    ``metrics.json``), evaluate and keep ``checkpoints/best.pth``, save ``checkpoints/last.pth`` (every
-    ``checkpoint_interval``, at the end, on SIGTERM / SIGINT and when the run fails), and skip
-    non-finite steps. Under ``torchrun`` every process builds the same Trainer: ``data.batch_size`` is
-    the global batch, the balancer says whether the model trains through DDP, only rank 0 writes.
-    ``resume(path)`` restores the whole training state (``engine.checkpoint``): on CPU N steps straight
-    equal N/2 steps, a resume and N/2 more, bit for bit.
+    (``mtvision.engine.hooks``) fill the work dir (``config.yaml``, ``train.log``, ``tb/``, ``metrics.json``),
+    evaluate and keep ``checkpoints/best.pth``, save ``checkpoints/last.pth`` (every ``checkpoint_interval``,
+    at the end, on SIGTERM/SIGINT and when the run fails), and skip non-finite steps. Under ``torchrun`` every
+    process builds the same Trainer: ``data.batch_size`` is the global batch, the balancer says whether the
+    model trains through DDP, only rank 0 writes. ``resume(path)`` restores the whole training state
+    (``engine.checkpoint``): on CPU N steps straight equal N/2 steps, a resume and N/2 more, bit for bit.
 
     Args:
         cfg: the experiment.
@@ -94,7 +94,8 @@ class Trainer:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
-        self.task_specs = build_tasks(self.tasks, cfg.data.num_classes, cfg.loss.ignore_index, self.model.heads)
+        self.task_specs = build_tasks(self.tasks, cfg.data.num_classes, cfg.loss.ignore_index,
+                                      self.model.heads)
         self.loss_fn = MultiTaskLoss(self.task_specs).to(self.device)
         self.balancer = build_task_balancer(cfg, self.model, self.tasks).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -194,14 +195,14 @@ class Trainer:
         with self.autocast():
             forward = self.balancer.forward(self.forward_model, data["image"])
         losses = self.loss_fn.task_losses(forward.outputs, data)
-        # one collective: every process takes the same decisions (weights, skip, stop); alone, no copy at all
         T, local = len(self.tasks), [float(self.stop_signal is not None), float(len(files))]
         mean_losses, flags = losses.detach().float(), None
-        if self.env.distributed:
+        if self.env.distributed:  # one collective: the same decisions (weights, skip, stop) on every process
             agreed = mean_over_processes(torch.cat([mean_losses, losses.new_tensor(local)]))
             mean_losses, flags = agreed[:T], agreed[T:] * self.env.world_size
         clip = self.cfg.train.grad_clip
-        result = self.balancer.backward(losses, mean_losses, forward, flags, scaler=self.scaler, max_norm=clip)
+        result = self.balancer.backward(losses, mean_losses, forward, flags, scaler=self.scaler,
+                                        max_norm=clip)
         stop, dropped = result.extra if flags is not None else local
         skip = result.skip
         if not skip and clip is not None and not result.clipped:
@@ -248,8 +249,7 @@ class Trainer:
     # Checkpoints
 
     def state_dict(self, metrics: Optional[dict] = None, full: bool = True, gather: bool = True) -> dict:
-        """The training state as a checkpoint (``engine.checkpoint.training_state``); with ``gather``
-        a collective, so every process must call it."""
+        """The training state as a checkpoint (``checkpoint.training_state``); collective with ``gather``."""
         return training_state(self, metrics, full=full, gather=gather)
 
     def save(self, name: str, metrics: Optional[dict] = None, full: bool = True,

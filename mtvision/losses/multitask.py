@@ -38,7 +38,8 @@ class MultiTaskLoss(nn.Module):
             if not callable(loss):
                 raise ValueError(f"MultiTaskLoss: task {name!r} has no fused slot and its build_loss() gives "
                                  f"{loss!r}, not a loss(output, batch) callable")
-        self.own = nn.ModuleDict({n: f if isinstance(f, nn.Module) else _FunctionLoss(f) for n, f in own.items()})
+        self.own = nn.ModuleDict({n: f if isinstance(f, nn.Module) else _FunctionLoss(f)
+                                  for n, f in own.items()})
         # losses come out as [fused tasks..., own tasks...]: the permutation back to ``tasks`` order
         order = [t.name for t in fused] + list(self.own)
         self._order = None if order == names else [order.index(n) for n in names]

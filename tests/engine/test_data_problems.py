@@ -18,7 +18,8 @@ STEMS = ("a", "b", "c", "d", "e", "f", "g", "h")
 
 
 def _folders(tmp_path):
-    """A custom folder dataset (seg + depth) of 8 training and 4 validation images of 8x10 (resized to data.size)."""
+    """A custom folder dataset (seg + depth) of 8 training and 4 validation images of 8x10 (resized to
+    data.size)."""
     root = tmp_path / "data"
     F.write_custom(root, "train", stems=STEMS, size=(8, 10), num_classes=6, tasks=("seg", "depth"))
     F.write_custom(root, "val", stems=STEMS[:4], size=(8, 10), num_classes=6, tasks=("seg", "depth"))

@@ -108,23 +108,13 @@ def _python_stack(pid: int) -> str:
                           text=True, timeout=60).stdout
 
 
-def test_sigterm_to_the_process_group_with_dataloader_workers_saves_exits_0_and_resumes(tmp_path):
-    """``setsid tools/train.py`` with 2 DataLoader workers, then SIGTERM to the whole process group, as
-    Slurm and Kubernetes send it: the main process finishes its step, saves ``last.pth`` (the only one:
-    no periodic checkpoint is due), prints how to resume and exits 0 without a traceback; its workers
-    are gone after it; ``--resume`` then continues from the saved iteration to the end.
-
-    Before the rewrite the workers died of the signal under the main process ("DataLoader worker
-    (pid N) is killed by signal: Terminated" raised in the next ``next(batches)``): a traceback, exit
-    status 1, no ``last.pth``. With the rewrite as first committed (04df1ed: workers ignoring SIGTERM),
-    the stop was saved but the process never exited: at interpreter exit ``multiprocessing`` terminates
-    its daemonic children with SIGTERM, which they ignored, and then joins them forever (the same hang
-    ended every ``data.num_workers > 0`` run, signal or not; the workers leave the process group
-    instead since 8df250e)."""
-    cfg = _config(tmp_path, "grp", data={"num_workers": 2}, max_iters=200, eval_interval=1000,
+def _signal_training_with_workers(tmp_path, name: str, send) -> tuple[int, Path, str, str, list[int]]:
+    """Start ``tools/train.py`` (a new session, 2 DataLoader workers, 200 iterations), wait until it
+    trains, ``send(main_pid, worker_pids)`` a signal, and wait up to 60 s for it to exit (a hang fails
+    with the Python stack). Returns ``(exit status, work dir, stdout, stderr, worker pids)``."""
+    cfg = _config(tmp_path, name, data={"num_workers": 2}, max_iters=200, eval_interval=1000,
                   checkpoint_interval=1000, log_interval=1)
-    work = tmp_path / "grp"
-    ckpt = work / "checkpoints" / "last.pth"
+    work = tmp_path / name
     out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, str(TRAIN), str(cfg), "--no-progress"], cwd=ROOT, env=ENV,
@@ -134,17 +124,37 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_saves_exits_0_and_
         _wait_for_log(work / "train.log", "iter 2/200", proc, output=err_path.read_text)
         workers = _descendants(proc.pid)
         assert len(workers) == 2, workers  # the two DataLoader workers, started by now
-        os.killpg(proc.pid, signal.SIGTERM)  # pgid == pid (a new session): the group, workers included
+        send(proc.pid, workers)
         try:
             rc = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            pytest.fail("train.py did not exit within 60 s of SIGTERM to its process group; last.pth "
-                        f"{'saved' if ckpt.exists() else 'not saved'}\n{_python_stack(proc.pid)}\n"
+            saved = (work / "checkpoints" / "last.pth").exists()
+            pytest.fail("train.py did not exit within 60 s of the signal; last.pth "
+                        f"{'saved' if saved else 'not saved'}\n{_python_stack(proc.pid)}\n"
                         f"{err_path.read_text()[-3000:]}")
     finally:
         if proc.poll() is None:
             _kill_tree(proc, workers)
-    stdout, stderr = out_path.read_text(), err_path.read_text()
+    return rc, work, out_path.read_text(), err_path.read_text(), workers
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves_exits_0_and_resumes(tmp_path):
+    """``setsid tools/train.py`` with 2 DataLoader workers, then SIGTERM to the whole process group (a
+    terminal's or ``kill -- -PGID``): the main process finishes its step, saves ``last.pth`` (the only
+    one: no periodic checkpoint is due), prints how to resume and exits 0 without a traceback; its workers
+    are gone after it; ``--resume`` then continues from the saved iteration to the end.
+
+    Before the rewrite the workers died of the signal under the main process ("DataLoader worker
+    (pid N) is killed by signal: Terminated" raised in the next ``next(batches)``): a traceback, exit
+    status 1, no ``last.pth``. With the rewrite as first committed (04df1ed: workers ignoring SIGTERM),
+    the stop was saved but the process never exited: at interpreter exit ``multiprocessing`` terminates
+    its daemonic children with SIGTERM, which they ignored, and then joins them forever (the same hang
+    ended every ``data.num_workers > 0`` run, signal or not). Now the workers leave the process group and
+    ignore SIGTERM, and the trainer ends them through their queues."""
+    # pgid == pid (a new session): the group, workers included
+    rc, work, stdout, stderr, workers = _signal_training_with_workers(
+        tmp_path, "grp", lambda pid, workers: os.killpg(pid, signal.SIGTERM))
+    ckpt = work / "checkpoints" / "last.pth"
     assert rc == 0, stdout[-2000:] + stderr[-5000:]
     assert "Traceback" not in stderr and "DataLoader worker" not in stderr, stderr[-5000:]
     stopped_at = torch.load(ckpt, weights_only=True)["iteration"]
@@ -241,32 +251,14 @@ def test_sigterm_to_every_process_of_the_job_saves_and_exits_0(tmp_path):
     "DataLoader worker (pid N) is killed by signal: Terminated" in the main process, which exited 1 with
     a traceback. Now the workers ignore SIGTERM/SIGINT and the trainer shuts them down through their
     queues at the end of ``train()``."""
-    cfg = _config(tmp_path, "each", data={"num_workers": 2}, max_iters=200, eval_interval=1000,
-                  checkpoint_interval=1000, log_interval=1)
-    work = tmp_path / "each"
-    out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen([sys.executable, str(TRAIN), str(cfg), "--no-progress"], cwd=ROOT, env=ENV,
-                                stdout=out, stderr=err, start_new_session=True)
-    workers: list[int] = []
-    try:
-        _wait_for_log(work / "train.log", "iter 2/200", proc, output=err_path.read_text)
-        workers = _descendants(proc.pid)
-        assert len(workers) == 2, workers
-        for pid in (proc.pid, *workers):
-            os.kill(pid, signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pytest.fail("train.py did not exit within 60 s of SIGTERM to each of its processes\n"
-                        f"{_python_stack(proc.pid)}")
-    finally:
-        if proc.poll() is None:
-            _kill_tree(proc, workers)
-    stderr = err_path.read_text()
+    def each(pid, workers):
+        for p in (pid, *workers):
+            os.kill(p, signal.SIGTERM)
+
+    rc, work, stdout, stderr, _ = _signal_training_with_workers(tmp_path, "each", each)
     assert rc == 0 and "Traceback" not in stderr, f"exit {rc}\n{stderr[-3000:]}"
     stopped_at = torch.load(work / "checkpoints" / "last.pth", weights_only=True)["iteration"]
-    assert f"stopped by SIGTERM at iteration {stopped_at}; continue with" in out_path.read_text()
+    assert f"stopped by SIGTERM at iteration {stopped_at}; continue with" in stdout
 
 CRASHY_PLUGIN = '''
 """A depth head whose 3rd training forward raises (tests/engine/test_preemption.py)."""
