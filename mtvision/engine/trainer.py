@@ -165,6 +165,7 @@ class Trainer:
             if batch is None:  # the loader yielded fewer batches than the sampler promised
                 self.data_position = (epoch, sampler.batches_per_epoch)
                 continue
+            self.batch_position = (epoch, done)  # after any epoch change: a retry reads this batch again
             self.data_position = (epoch, done + 1)
             self._pending_skips += batch.get("skipped_files", [])
             if "image" in batch:  # else nothing but unreadable samples (data.skip_bad): named, passed over
@@ -203,7 +204,7 @@ class Trainer:
         clip = self.cfg.train.grad_clip
         result = self.balancer.backward(losses, mean_losses, forward, flags, scaler=self.scaler,
                                         max_norm=clip)
-        stop, dropped = result.extra if flags is not None else local
+        stop, dropped = result.extra if flags is not None else (self.stop_signal is not None, local[1])
         skip = result.skip
         if not skip and clip is not None and not result.clipped:
             self.scaler.unscale_(self.optimizer)
@@ -276,13 +277,12 @@ class Trainer:
         try:
             while self.iteration < self.cfg.train.max_iters and self.stopped_by is None:
                 t0 = time.perf_counter()
-                position = self.data_position
                 batch = self._next_batch()
                 t1 = time.perf_counter()
                 try:
                     outcome = self.run_step(batch)
                 except BaseException:
-                    self.data_position, self._batches = position, None  # a resume retries this batch
+                    self.data_position, self._batches = self.batch_position, None  # a resume retries it
                     raise
                 self.data_seconds += t1 - t0
                 self.step_seconds += time.perf_counter() - t1

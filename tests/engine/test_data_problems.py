@@ -99,3 +99,24 @@ def test_a_failure_after_training_started_saves_last_pth_at_the_failing_step(tmp
     resumed.resume(tmp_path / "work" / "checkpoints" / "last.pth")
     resumed.train()
     assert resumed.iteration == 6
+
+
+@pytest.mark.slow
+def test_a_failure_at_an_epochs_first_batch_saves_the_position_after_the_epoch_change(tmp_path):
+    """The saved position is that of the failed batch after the epoch change (epoch 1, batch 0), not the
+    end of epoch 0: a resume must not end epoch 0 a second time (DWA's per-epoch averages would shift)."""
+    trainer = Trainer(tiny_config(tmp_path, ["train.max_iters=6", "train.checkpoint_interval=100",
+                                             "train.eval_interval=100", "balancer.name=dwa"]),
+                      console=False, progress=False)
+    real = trainer.loss_fn.task_losses
+
+    def fails_at_step_3(outputs, batch):
+        if trainer.iteration == 2:  # 2 batches an epoch: the first batch of epoch 1
+            raise RuntimeError("simulated")
+        return real(outputs, batch)
+
+    trainer.loss_fn.task_losses = fails_at_step_3
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.train()
+    state = torch.load(tmp_path / "work" / "checkpoints" / "last.pth", weights_only=True)
+    assert state["iteration"] == 2 and (state["data"]["epoch"], state["data"]["batch_in_epoch"]) == (1, 0)
