@@ -110,7 +110,7 @@ def build_dataloader(dataset: Dataset, batch_size: int, num_workers: int, *, tra
         persistent_workers=train and num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
-    if num_workers > 0:
+    if train and num_workers > 0:  # persistent workers; an evaluation loader's end with their epoch
         # Workers ignore SIGTERM (see seed_worker), and multiprocessing's own exit handler stops its children
         # with SIGTERM and waits for them: a persistent iterator still alive then would never end. This hook,
         # registered later, runs first and shuts the workers down through their queues.

@@ -55,6 +55,14 @@ class HookBase:
         pass
 
 
+def _sync_buffers(t: "Trainer") -> None:
+    """Rank 0's BatchNorm statistics on every process, once per iteration (evaluation and checkpoint
+    often fall on the same one)."""
+    if getattr(t, "_buffers_synced_at", None) != t.iteration:
+        broadcast_buffers(t.model)
+        t._buffers_synced_at = t.iteration
+
+
 def _due(iteration: int, interval: int, last: int) -> bool:
     return iteration % interval == 0 or iteration == last
 
@@ -215,7 +223,7 @@ class EvalHook(HookBase):
         if t.stopped_by is not None or not _due(t.iteration, t.cfg.train.eval_interval,
                                                 t.cfg.train.max_iters):
             return
-        broadcast_buffers(t.model)
+        _sync_buffers(t)
         t0 = time.perf_counter()
         metrics = t.evaluate()
         t.last_metrics = metrics
@@ -242,14 +250,14 @@ class CheckpointHook(HookBase):
     def after_step(self, outcome) -> None:
         t = self.trainer
         if t.stopped_by is not None:
-            broadcast_buffers(t.model)
+            _sync_buffers(t)
             t.save("last")
             if t.logger is not None:
                 t.logger.warning("stopped by %s at iteration %d; saved checkpoints/last.pth (resume with "
                                  "python tools/train.py %s --resume)", t.stopped_by, t.iteration,
                                  t.work_dir / "config.yaml")
         elif _due(t.iteration, t.cfg.train.checkpoint_interval, t.cfg.train.max_iters):
-            broadcast_buffers(t.model)
+            _sync_buffers(t)
             t.save("last")
 
     def on_exception(self, exc: BaseException) -> None:

@@ -239,12 +239,12 @@ class Trainer:
             return mean_over_processes(self.loss_fn.task_losses(self.model(data["image"]), data).float())
 
     def evaluate(self) -> dict[str, float]:
-        """Flat validation metrics of the current model (see ``mtvision.engine.evaluator.evaluate``);
-        the validation samples that could not be read (``data.skip_bad``) in ``eval_skipped_files``."""
+        """Flat validation metrics (``engine.evaluator``); unreadable samples in ``eval_skipped_files``."""
         self.eval_skipped_files = []
         return evaluate_model(self.model, self.val_loader, self.tasks, self.cfg.data.num_classes,
                               self.cfg.loss.ignore_index, self.device, self.autocast,
-                              getattr(self.val_set, "classes", None), skipped=self.eval_skipped_files)
+                              getattr(self.val_set, "classes", None),
+                              skipped=self.eval_skipped_files if self.cfg.data.skip_bad else None)
 
     # ------------------------------------------------------------------------------------------------
     # Checkpoints
