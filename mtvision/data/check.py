@@ -25,9 +25,11 @@ def should_check(check: Optional[bool], dataset: Dataset) -> bool:
     return bool(check) if check is not None else len(dataset) <= AUTO_CHECK_MAX_SAMPLES
 
 
-def find_bad_samples(dataset: RawDataset, threads: int = 4) -> list[str]:
-    """Read (and check: shapes, dtypes, label ranges) every sample of ``dataset``; the messages of those
-    that fail, each naming the file and the field, in index order."""
+def find_bad_samples(dataset: RawDataset, threads: int = 4, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Read (and check: shapes, dtypes, label ranges) every sample of ``dataset`` — under
+    torch.distributed each process reads its share (every ``world_size``-th sample) and the findings are
+    gathered — and return the messages of those that fail, each naming the file and the field, in index
+    order (the same list on every process)."""
     num_classes = getattr(dataset, "num_classes", None)
 
     def problem(index: int) -> Optional[str]:
@@ -37,16 +39,25 @@ def find_bad_samples(dataset: RawDataset, threads: int = 4) -> list[str]:
             return str(e)
         return None
 
+    mine = range(rank, len(dataset), world_size)
     with ThreadPoolExecutor(max_workers=threads) as pool:  # decoders release the GIL
-        found = list(pool.map(problem, range(len(dataset))))
-    return [p for p in found if p is not None]
+        found = [(i, p) for i, p in zip(mine, pool.map(problem, mine)) if p is not None]
+    if world_size > 1:
+        from ..distributed import all_gather_objects
+
+        found = sorted(f for part in all_gather_objects(found) for f in part)
+    return [p for _, p in found]
 
 
 def check_datasets(check: Optional[bool], skip_bad: bool, **datasets: Dataset) -> dict[str, list[str]]:
     """Read through each named dataset that ``data.check`` selects. Raises :class:`DataError` listing the
     bad samples (up to 5, and how many) unless ``skip_bad``, which trains without them; returns
     ``{split: [problem, ...]}`` of what was found."""
-    found = {name: find_bad_samples(ds) for name, ds in datasets.items() if should_check(check, ds)}
+    from ..distributed import dist_env
+
+    env = dist_env()
+    found = {name: find_bad_samples(ds, rank=env.rank, world_size=env.world_size)
+             for name, ds in datasets.items() if should_check(check, ds)}
     bad = [(name, p) for name, problems in found.items() for p in problems]
     if bad and not skip_bad:
         shown = "; ".join(f"{name}: {p}" for name, p in bad[:5])

@@ -3,6 +3,7 @@ names every skipped file (log, metrics.json, in training and in evaluation), a V
 before any work, and a failure after training started leaves last.pth."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from mtvision.data.sample import DataError
 from mtvision.engine import Trainer
 
 from ..data import fixtures as F
+from ..multiprocess import gloo_process_group, run_two_processes
 from .helpers import tiny_config
 
 STEMS = ("a", "b", "c", "d", "e", "f", "g", "h")
@@ -120,3 +122,29 @@ def test_a_failure_at_an_epochs_first_batch_saves_the_position_after_the_epoch_c
         trainer.train()
     state = torch.load(tmp_path / "work" / "checkpoints" / "last.pth", weights_only=True)
     assert state["iteration"] == 2 and (state["data"]["epoch"], state["data"]["batch_in_epoch"]) == (1, 0)
+
+
+def _check_share(rank, init_file, out_dir):
+    from mtvision.data import FolderDataset
+    from mtvision.data.check import find_bad_samples
+
+    with gloo_process_group(rank, init_file):
+        found = find_bad_samples(FolderDataset(f"{out_dir}/data", "train", tasks=("seg", "depth"), num_classes=6), rank=rank, world_size=2)
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(found))
+
+
+@pytest.mark.distributed
+def test_data_check_splits_the_reading_over_processes_and_agrees(tmp_path):
+    """Under torch.distributed each process reads every other sample; both end with the whole list, the
+    same as one process reading everything."""
+    from mtvision.data import FolderDataset
+    from mtvision.data.check import find_bad_samples
+
+    root = _folders(tmp_path)
+    for stem in ("b", "c"):  # indices 1 and 2: one in each process's share
+        (root / "train" / "seg" / f"{stem}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    expected = find_bad_samples(FolderDataset(root, "train", tasks=("seg", "depth"), num_classes=6))
+    assert [p.split(": ")[0] for p in expected] == [str(root / "train" / "seg" / f"{s}.png") for s in "bc"]
+    run_two_processes(_check_share, tmp_path)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
