@@ -68,7 +68,8 @@ def _flatten(d: Mapping, prefix: str = "") -> dict:
 
 
 def delta_m_metrics() -> tuple[str, ...]:
-    """``DELTA_M_METRICS`` and the Δm metrics of every other registered task (``Task.delta_metrics``)."""
+    """``DELTA_M_METRICS`` (the built-in tasks take theirs from it) and the Δm metrics of every other
+    registered task (``Task.delta_metrics``)."""
     from ..registry import TASKS
 
     keys = list(DELTA_M_METRICS)

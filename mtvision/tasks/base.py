@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Task", "check_num_classes"]
+__all__ = ["Task", "builtin_delta_metrics", "builtin_directions", "check_num_classes"]
 
 
 class Task:
@@ -94,3 +94,18 @@ def check_num_classes(name: str, head_spec: Mapping[str, Any], cfg) -> None:
     if n is not None and n != cfg.data.num_classes:
         raise ConfigError(f"model.heads.{name}.num_classes ({n}) differs from data.num_classes "
                           f"({cfg.data.num_classes})")
+
+
+def builtin_directions(*names: str) -> dict[str, bool]:
+    """``{name: higher is better}`` of built-in metric names, from the evaluation package's one table
+    (``mtvision.evaluation.HIGHER_IS_BETTER``)."""
+    from ..evaluation import HIGHER_IS_BETTER
+
+    return {n: HIGHER_IS_BETTER[n] for n in names}
+
+
+def builtin_delta_metrics(task: str) -> tuple[str, ...]:
+    """The metric names of ``task`` in ``mtvision.evaluation.DELTA_M_METRICS`` (the Δm convention)."""
+    from ..evaluation import DELTA_M_METRICS
+
+    return tuple(k.split("/", 1)[1] for k in DELTA_M_METRICS if k.split("/", 1)[0] == task)

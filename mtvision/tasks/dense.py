@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..evaluation import DepthMetric, NormalMetric, SegmentationMetric
 from ..registry import TASKS
-from .base import Task, check_num_classes
+from .base import Task, builtin_delta_metrics, builtin_directions, check_num_classes
 
 __all__ = ["SegmentationTask", "DepthTask", "NormalTask"]
 
@@ -22,9 +22,9 @@ class SegmentationTask(Task):
     ``[B,C,H,W]``; cross-entropy loss; mIoU / pixel accuracy scored on the argmax."""
 
     target_keys = ("seg",)
-    higher_is_better = {"mIoU": True, "pixAcc": True}
+    higher_is_better = builtin_directions("mIoU", "pixAcc")
     primary_metric = "mIoU"
-    delta_metrics = ("mIoU", "pixAcc")
+    delta_metrics = builtin_delta_metrics("seg")
     fused_slot = 0
     class_named = True
 
@@ -44,10 +44,9 @@ class DepthTask(Task):
     """Metric depth ``[B,1,H,W]`` in metres (target 0 = invalid); L1 loss; the NYUv2 depth errors."""
 
     target_keys = ("depth",)
-    higher_is_better = {"abs_err": False, "rel_err": False, "rmse": False, "log10": False,
-                        "delta1": True, "delta2": True, "delta3": True}
+    higher_is_better = builtin_directions("abs_err", "rel_err", "rmse", "log10", "delta1", "delta2", "delta3")
     primary_metric = "abs_err"
-    delta_metrics = ("abs_err", "rel_err")
+    delta_metrics = builtin_delta_metrics("depth")
     fused_slot = 1
 
     def build_metric(self):
@@ -60,10 +59,10 @@ class NormalTask(Task):
     angle errors in degrees."""
 
     target_keys = ("normal",)
-    higher_is_better = {"mean": False, "median": False, "rmse": False, "within_11.25": True,
-                        "within_22.5": True, "within_30": True}
+    higher_is_better = builtin_directions("mean", "median", "rmse", "within_11.25", "within_22.5",
+                                          "within_30")
     primary_metric = "mean"
-    delta_metrics = ("mean", "median", "within_11.25", "within_22.5", "within_30")
+    delta_metrics = builtin_delta_metrics("normal")
     fused_slot = 2
 
     def build_metric(self):

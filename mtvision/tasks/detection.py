@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..evaluation import DetectionMetric
 from ..registry import HEADS, TASKS
-from .base import Task, check_num_classes
+from .base import Task, builtin_delta_metrics, builtin_directions, check_num_classes
 
 __all__ = ["DetectionTask"]
 
@@ -23,9 +23,9 @@ class DetectionTask(Task):
 
     target_keys = ("boxes", "labels")
     dense = False
-    higher_is_better = {"AP": True, "AP50": True, "AP75": True, "APs": True, "APm": True, "APl": True}
+    higher_is_better = builtin_directions("AP", "AP50", "AP75", "APs", "APm", "APl")
     primary_metric = "AP"
-    delta_metrics = ("AP",)
+    delta_metrics = builtin_delta_metrics("det")
     class_named = True
 
     @classmethod
