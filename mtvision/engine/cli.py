@@ -139,8 +139,10 @@ def _check_model(saved: dict, stated: dict, override_keys: Sequence[str], from_f
     trained = "without it" if trained is _MISSING else f"with {_show(trained)}"
     says = "leaves it out" if says is _MISSING else f"says {_show(says)}"
     more = f" (and {', '.join(k for k, _, _ in conflicts[1:])})" if len(conflicts) > 1 else ""
+    fix = ("leave CONFIG out (the checkpoint stores its own config) or these model keys"
+           if from_file else "leave these model overrides out")
     raise ConfigError(f"{key}: the checkpoint was trained {trained}, the config/override {says}{more}; "
-                      f"leave model keys out to use the checkpoint's")
+                      f"{fix} to use the checkpoint's")
 
 
 def config_for_checkpoint(checkpoint, config=None, overrides: Sequence[str] = ()) -> tuple[Config, str]:
