@@ -24,8 +24,6 @@ class Task:
 
     Class attributes a subclass sets:
         target_keys: the batch keys holding the targets (the loader must give them).
-        dense: the head's output is a map ``[B, C, H, W]`` at the input's resolution (exported and
-            resized as such); ``False`` for anything else (detection's points).
         higher_is_better: every scalar metric name the metric reports -> True where larger is better.
         primary_metric: the metric the task is judged by (``best.pth``'s score).
         delta_metrics: the metrics Δm is taken over when a whole metrics file is the baseline.
@@ -43,7 +41,6 @@ class Task:
     """
 
     target_keys: ClassVar[tuple[str, ...]] = ()
-    dense: ClassVar[bool] = True
     higher_is_better: ClassVar[Mapping[str, bool]] = {}
     primary_metric: ClassVar[str] = ""
     delta_metrics: ClassVar[tuple[str, ...]] = ()

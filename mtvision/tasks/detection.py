@@ -22,7 +22,6 @@ class DetectionTask(Task):
     decoded with the head's own thresholds and NMS; COCO box AP (percent)."""
 
     target_keys = ("boxes", "labels")
-    dense = False
     higher_is_better = builtin_directions("AP", "AP50", "AP75", "APs", "APm", "APl")
     primary_metric = "AP"
     delta_metrics = builtin_delta_metrics("det")
