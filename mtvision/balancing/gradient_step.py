@@ -139,8 +139,8 @@ class GradientBalancer(Balancer):
         fp16 = scaler is not None and scaler.is_enabled()
         T = len(self.tasks)
         # the logged values come back with the Gramian (the step's one wait for the device)
-        read = torch.cat([mean_losses.float(), mean_losses.float().sum().view(1),
-                          *([] if extra is None else [extra.float().reshape(-1)])])
+        m = mean_losses.float()
+        read = torch.cat([m, m.sum().view(1), *([] if extra is None else [extra.float().reshape(-1)])])
         fold_clip = max_norm is not None and self.level == "param" and not fp16
         if self.level == "rep":  # the weighted backward through the backbone accumulates: start clean
             for p in [*self.shared, *self._heads]:
