@@ -77,27 +77,34 @@ def test_vit_input_size_is_checked_before_any_work(tmp_path):
         Trainer(cfg, console=False, progress=False)
 
 
-@pytest.mark.slow
-def test_a_failure_after_training_started_saves_last_pth_at_the_failing_step(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, ["train.max_iters=6", "train.checkpoint_interval=100",
-                                             "train.eval_interval=100"]), console=False, progress=False)
+NO_PERIODIC_SAVE = ["train.max_iters=6", "train.checkpoint_interval=100", "train.eval_interval=100"]
+
+
+def _fail_at(tmp_path, iteration: int, message: str, overrides=()) -> dict:
+    """Train the tiny run whose loss raises ``RuntimeError(message)`` at ``iteration``; the ``last.pth``
+    that the failure left."""
+    trainer = Trainer(tiny_config(tmp_path, [*NO_PERIODIC_SAVE, *overrides]), console=False, progress=False)
     real = trainer.loss_fn.task_losses
 
-    def fails_at_step_4(outputs, batch):
-        if trainer.iteration == 3:
-            raise RuntimeError("out of memory (simulated)")
+    def failing(outputs, batch):
+        if trainer.iteration == iteration:
+            raise RuntimeError(message)
         return real(outputs, batch)
 
-    trainer.loss_fn.task_losses = fails_at_step_4
-    with pytest.raises(RuntimeError, match="simulated"):
+    trainer.loss_fn.task_losses = failing
+    with pytest.raises(RuntimeError, match=message):
         trainer.train()
-    state = torch.load(tmp_path / "work" / "checkpoints" / "last.pth", weights_only=True)
+    return torch.load(tmp_path / "work" / "checkpoints" / "last.pth", weights_only=True)
+
+
+@pytest.mark.slow
+def test_a_failure_after_training_started_saves_last_pth_at_the_failing_step(tmp_path):
+    state = _fail_at(tmp_path, 3, "out of memory (simulated)")
     # three steps done; the data position is that of the failed step, so a resume retries its batch
     assert state["iteration"] == 3 and state["data"]["epoch"] == 1 and state["data"]["batch_in_epoch"] == 1
     assert "run failed at iteration 3 (RuntimeError: out of memory (simulated))" in \
         (tmp_path / "work" / "train.log").read_text()
-    resumed = Trainer(tiny_config(tmp_path, ["train.max_iters=6", "train.checkpoint_interval=100",
-                                             "train.eval_interval=100"]), console=False, progress=False)
+    resumed = Trainer(tiny_config(tmp_path, NO_PERIODIC_SAVE), console=False, progress=False)
     resumed.resume(tmp_path / "work" / "checkpoints" / "last.pth")
     resumed.train()
     assert resumed.iteration == 6
@@ -107,20 +114,7 @@ def test_a_failure_after_training_started_saves_last_pth_at_the_failing_step(tmp
 def test_a_failure_at_an_epochs_first_batch_saves_the_position_after_the_epoch_change(tmp_path):
     """The saved position is that of the failed batch after the epoch change (epoch 1, batch 0), not the
     end of epoch 0: a resume must not end epoch 0 a second time (DWA's per-epoch averages would shift)."""
-    trainer = Trainer(tiny_config(tmp_path, ["train.max_iters=6", "train.checkpoint_interval=100",
-                                             "train.eval_interval=100", "balancer.name=dwa"]),
-                      console=False, progress=False)
-    real = trainer.loss_fn.task_losses
-
-    def fails_at_step_3(outputs, batch):
-        if trainer.iteration == 2:  # 2 batches an epoch: the first batch of epoch 1
-            raise RuntimeError("simulated")
-        return real(outputs, batch)
-
-    trainer.loss_fn.task_losses = fails_at_step_3
-    with pytest.raises(RuntimeError, match="simulated"):
-        trainer.train()
-    state = torch.load(tmp_path / "work" / "checkpoints" / "last.pth", weights_only=True)
+    state = _fail_at(tmp_path, 2, "simulated", ["balancer.name=dwa"])  # 2 batches an epoch
     assert state["iteration"] == 2 and (state["data"]["epoch"], state["data"]["batch_in_epoch"]) == (1, 0)
 
 
