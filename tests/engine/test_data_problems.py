@@ -124,7 +124,8 @@ def _check_share(rank, init_file, out_dir):
     from mtvision.data.check import find_bad_samples
 
     with gloo_process_group(rank, init_file):
-        found = find_bad_samples(FolderDataset(f"{out_dir}/data", "train", tasks=("seg", "depth"), num_classes=6), rank=rank, world_size=2)
+        dataset = FolderDataset(f"{out_dir}/data", "train", tasks=("seg", "depth"), num_classes=6)
+        found = find_bad_samples(dataset, rank=rank, world_size=2)
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(found))
 
 
