@@ -62,23 +62,75 @@ def _gram64(gram: Tensor) -> Tensor:
 
 
 class GradientAggregator:
-    """Base class: subclasses implement :meth:`weights`."""
+    """Base class: subclasses implement :meth:`weights`.
+
+    The training step (``gradient_step.GradientBalancer``) calls, per step: :meth:`task_losses` (the
+    losses whose gradients are taken), :meth:`prepare` (stateful methods update their per-task state
+    from the gradients and say which rows to combine), :meth:`weights_from` (the T×T problem, on the
+    host) and :meth:`combine`. The class attributes say what the step must do for the method.
+    """
 
     #: True for methods whose weights depend on random draws (they use the ``generator``).
     stochastic: bool = False
+    #: Levels the method is defined at (``"param"``: shared parameters, ``"rep"``: shared features).
+    levels: tuple[str, ...] = ("param", "rep")
+    #: Independent batches one step draws (SDMGrad, MoDo: 3). With K > 1 the rows are the K batches'
+    #: per-task gradients, batch-major (``K*T`` rows), and :meth:`weights` gets their ``[KT,KT]`` Gramian.
+    batches_per_step: int = 1
+    #: The update is ``weighted_sum(rows, weights)``; False for an element-wise :meth:`combine` (then the
+    #: combined gradient's norm is not ``wᵀGw`` and clipping is not folded into the weights).
+    linear: bool = True
+    #: The weights also scale each task's own parameters' gradients (methods that weight the losses, like
+    #: ExcessMTL); otherwise a task's parameters get its unweighted gradient.
+    weights_task_params: bool = False
+
+    def task_losses(self, losses: Tensor) -> Tensor:
+        """The per-task losses ``[T]`` whose gradients are taken (graph alive); the losses themselves by
+        default (DB-MTL takes their logarithms)."""
+        return losses
+
+    def prepare(self, grads: list[Tensor], losses: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        """Before the Gramian: ``grads`` are the per-task gradients (``[T,...]`` chunks, averaged across
+        processes), ``losses`` the ``[T]`` losses averaged across processes (detached, on the device).
+        Returns the rows to combine (``grads`` by default; a method with per-task state returns its own
+        buffers) and an optional small tensor of statistics that comes to the host with the Gramian and
+        is passed to :meth:`weights_from`. Must not synchronise with the device."""
+        return grads, None
 
     def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Task weights [T] from the Gramian ``gram`` [T,T] of the task gradients."""
         raise NotImplementedError
 
-    def aggregate(self, grads: Tensor | Sequence[Tensor],
-                  generator: torch.Generator | None = None) -> Tensor | list[Tensor]:
+    def weights_from(self, gram: Tensor, stats: Tensor | None, generator: torch.Generator | None = None
+                     ) -> Tensor:
+        """The weights given :meth:`prepare`'s host ``stats`` too; :meth:`weights` by default."""
+        return self.weights(gram, generator)
+
+    def combine(self, rows: list[Tensor], weights: Tensor, out: list[Tensor],
+                generator: torch.Generator | None = None, inputs: list[Tensor] | None = None) -> None:
+        """Write the update into ``out`` (one tensor per chunk of ``rows``): ``weighted_sum`` by default.
+        ``generator`` is on the rows' device; ``inputs`` are the shared features at the ``rep`` level
+        (``None`` at the ``param`` level)."""
+        weighted_sum(rows, weights, out=out)
+
+    def state_dict(self) -> dict:
+        """The method's state across steps (plain data and tensors; empty for stateless methods)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def aggregate(self, grads: Tensor | Sequence[Tensor], generator: torch.Generator | None = None,
+                  losses: Tensor | None = None) -> Tensor | list[Tensor]:
         """Aggregated gradient: ``[P]`` for ``grads`` [T,P], or a list of ``[...]`` chunks for a list
-        of ``[T,...]`` chunks."""
-        if not isinstance(grads, Tensor):
-            grads = list(grads)
-        w = self.weights(gram_matrix(grads), generator)
-        return weighted_sum(grads, w)
+        of ``[T,...]`` chunks; one step of the method (``prepare``, ``weights_from``, ``combine``), as
+        the training step takes it. ``losses`` [T]: for the methods whose ``prepare`` reads them."""
+        chunks = [grads] if isinstance(grads, Tensor) else list(grads)
+        rows, stats = self.prepare(chunks, losses)
+        w = self.weights_from(gram_matrix(rows), stats, generator)
+        out = [r.new_empty(r.shape[1:]) for r in rows]
+        self.combine(rows, w.to(rows[0].device), out, generator)
+        return out[0] if isinstance(grads, Tensor) else out
 
     __call__ = aggregate
 
