@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..distributed import world_size
-from ..ops import gram_matrix, weighted_sum
+from ..ops import gram_matrix
 from .aggregators import GradientAggregator
 from .step import Balancer, BalanceResult, Forward
 
@@ -107,8 +107,12 @@ class GradientBalancer(Balancer):
                  tasks: Optional[Sequence[str]] = None):
         if level not in ("param", "rep"):
             raise ValueError(f"balancer.level: expected 'param' or 'rep', got {level!r}")
+        if level not in aggregator.levels:
+            raise ValueError(f"balancer.level: {type(aggregator).__name__} is defined at the "
+                             f"{' / '.join(aggregator.levels)} level only, got {level!r}")
         super().__init__(tasks if tasks is not None else [f"task{t}" for t in range(len(task_params))])
         self.aggregator = aggregator
+        self.batches_per_step = int(aggregator.batches_per_step)
         self.shared = [p for p in shared if p.requires_grad]
         self.task_params = [[p for p in ps if p.requires_grad] for ps in task_params]
         self._heads = [p for ps in self.task_params for p in ps]
@@ -121,6 +125,8 @@ class GradientBalancer(Balancer):
         self._head_grads: Optional[list[Tensor]] = None
         self._combined: Optional[list[Tensor]] = None  # the op's output: contiguous, dims in memory order
         self._combined_grads: Optional[list[Tensor]] = None  # the same storage as the parameters' .grad
+        self._device_generator: Optional[torch.Generator] = None  # element-wise random draws (GradDrop)
+        self._device_generator_state: Optional[Tensor] = None  # restored before it exists
 
     # ------------------------------------------------------------------------------------------------
     # The Balancer interface
@@ -138,20 +144,28 @@ class GradientBalancer(Balancer):
                  max_norm=None) -> BalanceResult:
         fp16 = scaler is not None and scaler.is_enabled()
         T = len(self.tasks)
-        # the logged values come back with the Gramian (the step's one wait for the device)
-        m = mean_losses.float()
+        forwards = forward if isinstance(forward, list) else [forward]
+        # the logged values (per task, the mean over the step's batches) come back with the Gramian (the
+        # step's one wait for the device)
+        m = mean_losses.float().reshape(-1, T).mean(0)
         read = torch.cat([m, m.sum().view(1), *([] if extra is None else [extra.float().reshape(-1)])])
-        fold_clip = max_norm is not None and self.level == "param" and not fp16
+        a = self.aggregator
+        fold_clip = (max_norm is not None and self.level == "param" and not fp16 and a.linear
+                     and not a.weights_task_params)
         if self.level == "rep":  # the weighted backward through the backbone accumulates: start clean
             for p in [*self.shared, *self._heads]:
                 p.grad = None
-        c = self.combine(scaler.scale(losses) if fp16 else losses, [forward.outputs[t] for t in self.tasks],
-                         forward.features, forward.head_inputs, 1.0 / scaler.get_scale() if fp16 else None,
-                         read_with_gram=read, max_norm=max_norm if fold_clip else None)
+        objective = a.task_losses(losses).reshape(-1)
+        c = self.combine(scaler.scale(objective) if fp16 else objective,
+                         [f.outputs[t] for f in forwards for t in self.tasks],
+                         forwards[0].features, forwards[0].head_inputs,
+                         1.0 / scaler.get_scale() if fp16 else None, read_with_gram=read,
+                         max_norm=max_norm if fold_clip else None, mean_losses=mean_losses.reshape(-1))
         host = c.read.tolist()
         values = {t: host[i] for i, t in enumerate(self.tasks)}
         values["total"] = host[T]
-        values.update({f"weight/{t}": float(w) for t, w in zip(self.tasks, c.weights_host.tolist())})
+        w_task = c.weights_host.view(-1, T).sum(0)  # K > 1: the rows of the batch(es) the update uses
+        values.update({f"weight/{t}": float(w) for t, w in zip(self.tasks, w_task.tolist())})
         # a non-finite loss makes a non-finite Gramian; with fp16 the scaler finds those itself
         skip = not math.isfinite(host[T]) or (not fp16 and not c.finite)
         if c.grad_norm is not None:
@@ -159,11 +173,35 @@ class GradientBalancer(Balancer):
         return BalanceResult(values, host[T + 1:], skip=skip, clipped=fold_clip, grad_norm=c.grad_norm)
 
     def state_dict(self):
-        return {} if self.generator is None else {"generator": self.generator.get_state()}
+        state = {} if self.generator is None else {"generator": self.generator.get_state()}
+        if self._device_generator is not None:
+            state["device_generator"] = self._device_generator.get_state()
+        method = self.aggregator.state_dict()
+        if method:
+            state["method"] = method
+        return state
 
     def load_state_dict(self, state):
         if self.generator is not None and "generator" in state:
             self.generator.set_state(state["generator"].cpu())
+        if "device_generator" in state:
+            self._device_generator_state = state["device_generator"].cpu()
+            if self._device_generator is not None:
+                self._device_generator.set_state(self._device_generator_state)
+        if "method" in state:
+            self.aggregator.load_state_dict(state["method"])
+
+    def _generator_on(self, device: torch.device) -> Optional[torch.Generator]:
+        """The random source of element-wise methods on the gradients' device, seeded from the host
+        generator's seed (the same draws on every process); None without a host generator."""
+        if self.generator is None:
+            return None
+        if self._device_generator is None:
+            self._device_generator = torch.Generator(device=device)
+            self._device_generator.manual_seed(self.generator.initial_seed() + 1)
+            if self._device_generator_state is not None:
+                self._device_generator.set_state(self._device_generator_state)
+        return self._device_generator
 
     # ------------------------------------------------------------------------------------------------
     # The per-task gradients, the Gramian and the combination
@@ -205,14 +243,15 @@ class GradientBalancer(Balancer):
         Task t's loss reaches only task t's output, so one backward of ``sum_t losses[t]`` to the outputs
         (the fused loss's single backward) gives every d L_t / d output_t; each task's backward then
         starts from its own output and never walks the other heads (backward from ``losses[t]`` would,
-        carrying zeros)."""
-        T = losses.shape[0]
+        carrying zeros). With K batches (``K*T`` rows, batch-major) a task's parameters get the mean of
+        its K gradients."""
+        R, T = losses.shape[0], len(self.task_params)
         n = len(inputs)
         output_grads = torch.autograd.grad(losses.sum(), list(outputs), retain_graph=True)
-        for t in range(T):
-            params = self.task_params[t]
+        for t in range(R):
+            params = self.task_params[t % T]
             grads = torch.autograd.grad(outputs[t], [*inputs, *params], grad_outputs=output_grads[t],
-                                        retain_graph=t < T - 1, allow_unused=True)
+                                        retain_graph=t < R - 1, allow_unused=True)
             # one multi-tensor copy per task (a copy kernel per parameter would dominate on a GPU)
             input_grads = grads[:n]
             if all(g is not None for g in input_grads):
@@ -225,18 +264,26 @@ class GradientBalancer(Balancer):
                     if g is None:
                         row.zero_()
             for p, g in zip(params, grads[n:]):
+                if t >= T:  # a later batch of a K-batch step
+                    if g is not None:
+                        p.grad.add_(g)
+                    continue
                 if g is None:
                     g = torch.zeros_like(p)
                 elif g.stride() != p.stride():  # fused optimizers read .grad as flat memory in p's order
                     g = torch.empty_like(p).copy_(g)
                 p.grad = g
+        if R > T and self._heads:
+            torch._foreach_div_([p.grad for p in self._heads], R // T)
 
     def _solve_on_host(self, buffers: Sequence[Tensor], inv_scale: Optional[float],
                        sum_across_processes: bool = False, read_with_gram: Optional[Tensor] = None,
-                       extra: Optional[Tensor] = None) -> tuple[GradientCombination, Optional[float]]:
+                       extra: Optional[Tensor] = None, stats: Optional[Tensor] = None
+                       ) -> tuple[GradientCombination, Optional[float]]:
         """The method's weights from the Gramian of ``buffers``, solved on the host (``weights`` is
-        still the host copy here). ``read_with_gram`` comes to the host in the same copy, and so does
-        the scalar ``extra``, whose value is returned second."""
+        still the host copy here). ``read_with_gram`` comes to the host in the same copy, and so do
+        the method's ``stats`` (from ``prepare``) and the scalar ``extra``, whose value is returned
+        second."""
         gram = gram_matrix(buffers)
         if sum_across_processes and self._world_size() > 1:
             # feature gradients of different samples are different coordinates: the global Gramian
@@ -251,18 +298,28 @@ class GradientBalancer(Balancer):
         # caller's small tensors (the trainer's logged losses, the heads' gradient norm) come back in
         # the same copy, so the step's first wait for the device is also its only one.
         T = gram.shape[0]
-        parts = [gram.detach().reshape(-1)] + [x.detach().reshape(-1) for x in (read_with_gram, extra)
+        parts = [gram.detach().reshape(-1)] + [x.detach().reshape(-1) for x in (read_with_gram, stats, extra)
                                                 if x is not None]
         packed = torch.cat([x.to(torch.float64) for x in parts]).cpu()
         gram_host = packed[: T * T].view(T, T)
-        read = None if read_with_gram is None else packed[T * T: T * T + read_with_gram.numel()]
-        finite = bool(torch.isfinite(gram_host).all())
+        at = T * T
+        read = None if read_with_gram is None else packed[at: at + read_with_gram.numel()]
+        at += 0 if read_with_gram is None else read_with_gram.numel()
+        stats_host = None if stats is None else packed[at: at + stats.numel()].view(stats.shape)
+        finite = bool(torch.isfinite(gram_host).all()) and (stats_host is None or
+                                                            bool(torch.isfinite(stats_host).all()))
         if finite:
-            w = self.aggregator.weights(gram_host, self.generator)
+            w = self.aggregator.weights_from(gram_host, stats_host, self.generator)
         else:  # the caller skips this step; no solver sees a NaN
             w = torch.zeros(T, dtype=torch.float64)
         result = GradientCombination(w, w, gram_host, finite, read)
         return result, None if extra is None else float(packed[-1])
+
+    def _weight_task_grads(self, weights: Tensor) -> None:
+        """Each task's own parameters' gradients times its weight (methods that weight the losses)."""
+        for params, w in zip(self.task_params, weights.tolist()):
+            if params:
+                torch._foreach_mul_([p.grad for p in params], w)
 
     @staticmethod
     def _clip_factor(c: GradientCombination, head_grads: Sequence[Tensor], head_norm: float,
@@ -280,8 +337,8 @@ class GradientBalancer(Balancer):
 
     def combine(self, losses: Tensor, outputs: Sequence[Tensor], features: Optional[Sequence[Tensor]] = None,
                 head_inputs: Optional[Sequence[Tensor]] = None, inv_scale: Optional[float] = None,
-                read_with_gram: Optional[Tensor] = None,
-                max_norm: Optional[float] = None) -> GradientCombination:
+                read_with_gram: Optional[Tensor] = None, max_norm: Optional[float] = None,
+                mean_losses: Optional[Tensor] = None) -> GradientCombination:
         """Sets ``.grad`` of every shared and task parameter from the per-task gradients combined with the
         method's weights; returns what was decided (:class:`GradientCombination`).
 
@@ -296,11 +353,21 @@ class GradientBalancer(Balancer):
         weights: the combined gradient's squared norm is ``w^T G w`` and the heads' norm comes back
         with the Gramian, so clipping costs no pass over the gradients and no wait for the device.
 
+        ``mean_losses``: the losses averaged over processes (detached), for methods whose ``prepare``
+        reads them; default ``losses`` detached (unscaled with ``inv_scale``). With a method that draws
+        K batches, ``losses`` and ``outputs`` hold the K batches' ``K*T`` entries, batch-major.
+
         A non-finite Gramian (``finite`` false) gets no solve and zero weights: the caller is to skip
         the step.
         """
         if max_norm is not None and (self.level != "param" or inv_scale is not None):
             raise ValueError("GradientBalancer.combine: max_norm needs level='param' and unscaled losses")
+        a = self.aggregator
+        if max_norm is not None and not a.linear:
+            raise ValueError(f"GradientBalancer.combine: max_norm cannot be folded into {type(a).__name__}'s "
+                             "element-wise combination")
+        if mean_losses is None:
+            mean_losses = losses.detach().float() * (1.0 if inv_scale is None else inv_scale)
         if self.level == "param":
             buffers = self._param_buffers(losses.shape[0])
             self._per_task_grads(losses, outputs, self.shared, self._rows)
@@ -314,15 +381,18 @@ class GradientBalancer(Balancer):
             if max_norm is not None:  # comes to the host with the Gramian
                 head_norm = buffers[0].new_zeros(()) if not heads else torch.linalg.vector_norm(
                     torch.stack(torch._foreach_norm([p.grad for p in heads])))
-            c, head_norm = self._solve_on_host(buffers, inv_scale, read_with_gram=read_with_gram,
-                                                extra=head_norm)
+            rows, stats = a.prepare(buffers, mean_losses)
+            c, head_norm = self._solve_on_host(rows, inv_scale, read_with_gram=read_with_gram,
+                                                extra=head_norm, stats=stats)
             w_host = c.weights_host
             if c.finite and max_norm is not None:
                 w_host = w_host * self._clip_factor(c, [p.grad for p in heads], head_norm, max_norm)
             c.weights = w_host.to(buffers[0].device, torch.float32, non_blocking=True)
             if not c.finite:
                 return c
-            weighted_sum(buffers, c.weights, out=self._combined)
+            if a.weights_task_params:
+                self._weight_task_grads(c.weights_host)
+            a.combine(rows, c.weights, self._combined, self._generator_on(buffers[0].device))
             for p, g in zip(self.shared, self._combined_grads):
                 p.grad = g
             return c
@@ -331,12 +401,18 @@ class GradientBalancer(Balancer):
         T = losses.shape[0]
         buffers = [f.new_empty((T, *f.shape)) for f in head_inputs]
         self._per_task_grads(losses, outputs, head_inputs, [[buf[t] for buf in buffers] for t in range(T)])
-        c, _ = self._solve_on_host(buffers, inv_scale, sum_across_processes=True,
-                                   read_with_gram=read_with_gram)
+        rows, stats = a.prepare(buffers, mean_losses)
+        c, _ = self._solve_on_host(rows, inv_scale, sum_across_processes=True,
+                                   read_with_gram=read_with_gram, stats=stats)
         c.weights = c.weights_host.to(buffers[0].device, torch.float32, non_blocking=True)
         if not c.finite:
             return c
-        torch.autograd.backward(list(features), weighted_sum(buffers, c.weights))
+        if a.weights_task_params:
+            self._weight_task_grads(c.weights_host)
+        combined = [f.new_empty(f.shape) for f in head_inputs]
+        a.combine(rows, c.weights, combined, self._generator_on(buffers[0].device),
+                  inputs=[f.detach() for f in features])
+        torch.autograd.backward(list(features), combined)
         if self._world_size() > 1:  # the local batch's share of every parameter's gradient, averaged
             params = [*self.shared, *self._heads]
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

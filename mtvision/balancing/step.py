@@ -69,6 +69,8 @@ class Balancer:
 
     uses_ddp: bool = True
     retains_graph: bool = False
+    #: batches one step draws: with K > 1 ``backward`` gets ``losses [K,T]`` and a list of K forwards
+    batches_per_step: int = 1
 
     def __init__(self, tasks: Sequence[str]):
         self.tasks = list(tasks)
@@ -87,7 +89,8 @@ class Balancer:
         """Set the ``.grad`` of every trainable parameter from ``losses [T]`` (graph alive; the local
         batch's); ``mean_losses [T]`` are the same averaged over processes (detached: what decisions and
         logs use); ``extra`` a small tensor to bring to the host in the same wait. Under fp16 the
-        backward goes through ``scaler``. ``max_norm``: clipping the method may fold in."""
+        backward goes through ``scaler``. ``max_norm``: clipping the method may fold in. With
+        ``batches_per_step`` K > 1: ``losses``/``mean_losses`` are ``[K,T]`` and ``forward`` a list."""
         raise NotImplementedError
 
     def after_update(self, mean_losses: Tensor, losses_after_update: Callable[[], Tensor]) -> None:

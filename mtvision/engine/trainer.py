@@ -171,6 +171,15 @@ class Trainer:
             if "image" in batch:  # else nothing but unreadable samples (data.skip_bad): named, passed over
                 return batch
 
+    def _next_batches(self) -> list[dict]:
+        """The ``balancer.batches_per_step`` batches of the next step (SDMGrad and MoDo draw 3); a
+        failed step is retried from the first of them."""
+        batches = [self._next_batch()]
+        start = self.batch_position
+        batches += [self._next_batch() for _ in range(self.balancer.batches_per_step - 1)]
+        self.batch_position = start
+        return batches
+
     def _to_device(self, batch: dict) -> dict:
         out = {}
         for task in self.task_specs:
@@ -187,20 +196,22 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # The step
 
-    def run_step(self, batch: dict) -> StepOutcome:
-        """One optimisation step on ``batch``."""
+    def run_step(self, batch: dict | list[dict]) -> StepOutcome:
+        """One optimisation step on ``batch`` (a list of ``balancer.batches_per_step`` batches when the
+        method draws several: their losses ``[K,T]`` and forwards go to the balancer as a stack/list)."""
         if not self.model.training:  # train() walks every module: only after an evaluation put it in eval
             self.model.train()
         files, self._pending_skips = self._pending_skips, []
-        data = self._to_device(batch)
+        datas = [self._to_device(b) for b in (batch if isinstance(batch, list) else [batch])]
         with self.autocast():
-            forward = self.balancer.forward(self.forward_model, data["image"])
-        losses = self.loss_fn.task_losses(forward.outputs, data)
-        T, local = len(self.tasks), [float(self.stop_signal is not None), float(len(files))]
+            forwards = [self.balancer.forward(self.forward_model, d["image"]) for d in datas]
+        per_batch = [self.loss_fn.task_losses(f.outputs, d) for f, d in zip(forwards, datas)]
+        losses, forward = (per_batch[0], forwards[0]) if len(datas) == 1 else (torch.stack(per_batch), forwards)
+        local = [float(self.stop_signal is not None), float(len(files))]
         mean_losses, flags = losses.detach().float(), None
         if self.env.distributed:  # one collective: the same decisions (weights, skip, stop) on every process
-            agreed = mean_over_processes(torch.cat([mean_losses, losses.new_tensor(local)]))
-            mean_losses, flags = agreed[:T], agreed[T:] * self.env.world_size
+            agreed = mean_over_processes(torch.cat([mean_losses.reshape(-1), losses.new_tensor(local)]))
+            mean_losses, flags = agreed[:-2].view(losses.shape), agreed[-2:] * self.env.world_size
         clip = self.cfg.train.grad_clip
         result = self.balancer.backward(losses, mean_losses, forward, flags, scaler=self.scaler,
                                         max_norm=clip)
@@ -215,7 +226,7 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.balancer.after_update(mean_losses, lambda: self._losses_after_update(data))
+            self.balancer.after_update(mean_losses, lambda: self._losses_after_update(datas[0]))
         with warnings.catch_warnings():  # the schedule follows iterations, taken or skipped: torch warns
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
@@ -277,7 +288,7 @@ class Trainer:
         try:
             while self.iteration < self.cfg.train.max_iters and self.stopped_by is None:
                 t0 = time.perf_counter()
-                batch = self._next_batch()
+                batch = self._next_batches()
                 t1 = time.perf_counter()
                 try:
                     outcome = self.run_step(batch)
