@@ -381,12 +381,18 @@ class GradientBalancer(Balancer):
             if max_norm is not None:  # comes to the host with the Gramian
                 head_norm = buffers[0].new_zeros(()) if not heads else torch.linalg.vector_norm(
                     torch.stack(torch._foreach_norm([p.grad for p in heads])))
+            # a method that keeps gradients across steps keeps them unscaled (the fp16 scale changes)
+            unscale = inv_scale is not None and type(a).prepare is not GradientAggregator.prepare
+            if unscale:
+                torch._foreach_mul_(buffers, inv_scale)
             rows, stats = a.prepare(buffers, mean_losses)
-            c, head_norm = self._solve_on_host(rows, inv_scale, read_with_gram=read_with_gram,
-                                                extra=head_norm, stats=stats)
+            c, head_norm = self._solve_on_host(rows, None if unscale else inv_scale,
+                                                read_with_gram=read_with_gram, extra=head_norm, stats=stats)
             w_host = c.weights_host
             if c.finite and max_norm is not None:
                 w_host = w_host * self._clip_factor(c, [p.grad for p in heads], head_norm, max_norm)
+            if unscale:  # the combined gradient goes to GradScaler.step scaled, as the heads' are
+                w_host = w_host / inv_scale
             c.weights = w_host.to(buffers[0].device, torch.float32, non_blocking=True)
             if not c.finite:
                 return c

@@ -209,6 +209,9 @@ def build_task_balancer(cfg, model, tasks: Sequence[str]) -> Balancer:
                               f"{name!r} weights losses")
         return LossWeightingBalancer(method, tasks, model.last_shared_parameters,
                                      [p for p in model.parameters() if p.requires_grad])
+    if cfg.balancer.level not in method.levels:
+        raise ConfigError(f"balancer.level: {name!r} is defined at the {' / '.join(method.levels)} level "
+                          f"only, got {cfg.balancer.level!r}")
     generator = torch.Generator().manual_seed(int(cfg.seed))  # the T x T problem is solved on the host
     return GradientBalancer(method, list(model.shared_parameters()),
                             [list(model.task_parameters(t)) for t in tasks], level=cfg.balancer.level,
