@@ -15,6 +15,7 @@ from .aggregators import AlignedMTL, CAGrad, GradientAggregator, IMTLG, MGDA, Na
 from .gradient_step import GradientBalancer, GradientCombination
 from .step import Balancer, BalanceResult, Forward, LossWeightingBalancer, build_task_balancer
 from .learned_weighting import FAMO, GradNorm
+from .scalarization import GLS, STCH
 from .weighting import DWA, EW, RLW, UW, LossWeighting
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "GradientAggregator", "GradientBalancer", "GradientCombination", "IMTLG", "LOSS_WEIGHTINGS",
     "LossWeighting", "LossWeightingBalancer", "MGDA", "NashMTL", "PCGrad", "RLW", "UPGrad", "UW",
     "AlignedMTL", "CAGrad", "build_balancer", "build_task_balancer", "is_gradient_method",
+    "GLS", "STCH",
 ]
 
 #: The built-in loss weightings and gradient methods by config name (views of ``BALANCERS`` at import).
