@@ -15,14 +15,15 @@ from .aggregators import AlignedMTL, CAGrad, GradientAggregator, IMTLG, MGDA, Na
 from .gradient_step import GradientBalancer, GradientCombination
 from .step import Balancer, BalanceResult, Forward, LossWeightingBalancer, build_task_balancer
 from .learned_weighting import FAMO, GradNorm
+from .multi_sample import MoDo, SDMGrad
 from .scalarization import GLS, STCH
 from .weighting import DWA, EW, RLW, UW, LossWeighting
 
 __all__ = [
     "AGGREGATORS", "BALANCERS", "Balancer", "BalanceResult", "DWA", "EW", "FAMO", "Forward", "GradNorm",
     "GradientAggregator", "GradientBalancer", "GradientCombination", "IMTLG", "LOSS_WEIGHTINGS",
-    "LossWeighting", "LossWeightingBalancer", "MGDA", "NashMTL", "PCGrad", "RLW", "UPGrad", "UW",
-    "AlignedMTL", "CAGrad", "build_balancer", "build_task_balancer", "is_gradient_method",
+    "LossWeighting", "LossWeightingBalancer", "MGDA", "MoDo", "NashMTL", "PCGrad", "RLW", "UPGrad", "UW",
+    "AlignedMTL", "CAGrad", "SDMGrad", "build_balancer", "build_task_balancer", "is_gradient_method",
     "GLS", "STCH",
 ]
 
