@@ -84,9 +84,11 @@ class GradientAggregator:
     #: ExcessMTL); otherwise a task's parameters get its unweighted gradient.
     weights_task_params: bool = False
 
-    def task_losses(self, losses: Tensor) -> Tensor:
-        """The per-task losses ``[T]`` whose gradients are taken (graph alive); the losses themselves by
-        default (DB-MTL takes their logarithms)."""
+    def task_losses(self, losses: Tensor, mean_losses: Tensor) -> Tensor:
+        """The per-task objectives ``[T]`` whose gradients are taken (graph alive): the losses themselves
+        by default. A method that transforms the losses with f returns ``f'(mean_losses) * losses``: the
+        gradient of f at the losses averaged over processes, so that the update equals one process's on
+        the global batch (DB-MTL: ``losses / (mean_losses + 1e-8)``, the gradient of ``log(L + 1e-8)``)."""
         return losses
 
     def prepare(self, grads: list[Tensor], losses: Tensor) -> tuple[list[Tensor], Tensor | None]:

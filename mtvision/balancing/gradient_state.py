@@ -68,7 +68,9 @@ class _StepCounter(GradientAggregator):
         for name in self._state_names:
             if name in state:
                 value = state[name]
-                setattr(self, name, list(value) if isinstance(value, (list, tuple)) else value.clone())
+                # copies: the state is updated in place, and the caller's dict must not change with it
+                setattr(self, name, [t.clone() for t in value] if isinstance(value, (list, tuple))
+                        else value.clone())
 
 
 @BALANCERS.register("dbmtl")
@@ -79,7 +81,8 @@ class DBMTL(_StepCounter):
     the update ``Σ_t (max_s |ĝ_s|)/(|ĝ_t| + 1e-8) ĝ_t``: every task's EMA rescaled to the largest norm.
 
     As the authors' code (LibMTL's ``DB_MTL``, kwargs ``DB_beta``/``DB_beta_sigma``): ``beta=0.9``,
-    ``beta_sigma=0``; the tasks' own parameters get the gradient of their log-loss. State: the ``T × P``
+    ``beta_sigma=0``; the tasks' own parameters get the gradient of their log-loss (taken at the loss
+    averaged over processes, so that DDP equals one process on the global batch). State: the ``T × P``
     EMA (memory: one more copy of the per-task gradient buffers) and the step.
     """
 
@@ -92,8 +95,8 @@ class DBMTL(_StepCounter):
         self.beta, self.beta_sigma = float(beta), float(beta_sigma)
         self.ema: Optional[list[Tensor]] = None
 
-    def task_losses(self, losses: Tensor) -> Tensor:
-        return torch.log(losses + 1e-8)
+    def task_losses(self, losses: Tensor, mean_losses: Tensor) -> Tensor:
+        return losses / (mean_losses.detach().to(losses.dtype) + 1e-8)  # the gradient of log(L + 1e-8)
 
     def prepare(self, grads, losses):
         self.step += 1
@@ -268,8 +271,9 @@ class GradDrop(GradientAggregator):
         # Σ_t g_t M_t = [P > U] Σ_t max(g_t, 0) + [P < U] Σ_t min(g_t, 0): two sums per chunk, no mask per task
         draws = self._draws([r.shape[1:] for r in rows], rows[0], generator)
         for r, u, o in zip(rows, draws, out):
-            pos = r.clamp_min(0).sum(0, dtype=torch.float32)
-            neg = r.clamp_max(0).sum(0, dtype=torch.float32)
+            acc = torch.promote_types(r.dtype, torch.float32)  # float32 or wider: float64 stays float64
+            pos = r.clamp_min(0).sum(0, dtype=acc)
+            neg = r.clamp_max(0).sum(0, dtype=acc)
             purity = 0.5 * (1.0 + (pos + neg) / (pos - neg + 1e-7))
             kept = torch.where(purity > u, pos, 0.0) + torch.where(purity < u, neg, 0.0)
             if self.leak > 0.0:
@@ -277,7 +281,8 @@ class GradDrop(GradientAggregator):
             o.copy_(kept)
 
     def _combine_features(self, rows, out, generator, inputs) -> None:
-        signed = [(r * x.sign().unsqueeze(0)).sum(1, dtype=torch.float32) for r, x in zip(rows, inputs)]
+        acc = torch.promote_types(rows[0].dtype, torch.float32)
+        signed = [(r * x.sign().unsqueeze(0)).sum(1, dtype=acc) for r, x in zip(rows, inputs)]
         if dist_ready():  # the purity is over the global batch: every process then draws the same masks
             flat = torch.cat([s.reshape(-1) for s in signed])
             torch.distributed.all_reduce(flat)

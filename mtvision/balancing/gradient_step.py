@@ -155,7 +155,7 @@ class GradientBalancer(Balancer):
         if self.level == "rep":  # the weighted backward through the backbone accumulates: start clean
             for p in [*self.shared, *self._heads]:
                 p.grad = None
-        objective = a.task_losses(losses).reshape(-1)
+        objective = a.task_losses(losses.reshape(-1), mean_losses.reshape(-1))
         c = self.combine(scaler.scale(objective) if fp16 else objective,
                          [f.outputs[t] for f in forwards for t in self.tasks],
                          forwards[0].features, forwards[0].head_inputs,

@@ -203,6 +203,9 @@ class Trainer:
             self.model.train()
         files, self._pending_skips = self._pending_skips, []
         datas = [self._to_device(b) for b in (batch if isinstance(batch, list) else [batch])]
+        if len(datas) != self.balancer.batches_per_step:
+            raise ValueError(f"run_step: {self.cfg.balancer.name!r} takes {self.balancer.batches_per_step} "
+                             f"batches a step, got {len(datas)}")
         with self.autocast():
             forwards = [self.balancer.forward(self.forward_model, d["image"]) for d in datas]
         per_batch = [self.loss_fn.task_losses(f.outputs, d) for f, d in zip(forwards, datas)]
