@@ -77,6 +77,8 @@ class GradientAggregator:
     #: Independent batches one step draws (SDMGrad, MoDo: 3). With K > 1 the rows are the K batches'
     #: per-task gradients, batch-major (``K*T`` rows), and :meth:`weights` gets their ``[KT,KT]`` Gramian.
     batches_per_step: int = 1
+    #: With K > 1: a task's own (head) parameters get the ``"mean"`` or the ``"sum"`` of its K gradients.
+    head_reduction: str = "mean"
     #: The update is ``weighted_sum(rows, weights)``; False for an element-wise :meth:`combine` (then the
     #: combined gradient's norm is not ``wᵀGw`` and clipping is not folded into the weights).
     linear: bool = True

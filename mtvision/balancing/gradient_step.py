@@ -244,7 +244,7 @@ class GradientBalancer(Balancer):
         (the fused loss's single backward) gives every d L_t / d output_t; each task's backward then
         starts from its own output and never walks the other heads (backward from ``losses[t]`` would,
         carrying zeros). With K batches (``K*T`` rows, batch-major) a task's parameters get the mean of
-        its K gradients."""
+        its K gradients, or their sum (the method's ``head_reduction``)."""
         R, T = losses.shape[0], len(self.task_params)
         n = len(inputs)
         output_grads = torch.autograd.grad(losses.sum(), list(outputs), retain_graph=True)
@@ -273,7 +273,7 @@ class GradientBalancer(Balancer):
                 elif g.stride() != p.stride():  # fused optimizers read .grad as flat memory in p's order
                     g = torch.empty_like(p).copy_(g)
                 p.grad = g
-        if R > T and self._heads:
+        if R > T and self._heads and self.aggregator.head_reduction == "mean":
             torch._foreach_div_([p.grad for p in self._heads], R // T)
 
     def _solve_on_host(self, buffers: Sequence[Tensor], inv_scale: Optional[float],

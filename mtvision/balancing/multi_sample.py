@@ -73,8 +73,7 @@ class _SimplexState(GradientAggregator):
 
     levels = ("param",)
     batches_per_step = _K
-    #: How the training step combines a task's own (head) parameters' gradients over the K batches.
-    head_reduction: str = "mean"
+    head_reduction = "mean"
 
     def __init__(self) -> None:
         self._w: list[float] | None = None
