@@ -291,5 +291,5 @@ class GradDrop(GradientAggregator):
         for r, s, u, o in zip(rows, signed, draws, out):
             purity = 0.5 * (1.0 + s.sum(0) / (s.abs().sum(0) + 1e-7))
             mask = ((purity > u) & (s > 0)) | ((purity < u) & (s < 0))  # [T, C, H, W]
-            keep = self.leak + (1.0 - self.leak) * mask.to(torch.float32)
+            keep = self.leak + (1.0 - self.leak) * mask.to(acc)
             o.copy_((r * keep.unsqueeze(1).to(r.dtype)).sum(0))
