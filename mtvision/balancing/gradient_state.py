@@ -235,7 +235,9 @@ class GradDrop(GradientAggregator):
     shared features'; ``g_t`` for the purity is the feature gradient times the sign of the feature,
     summed over the batch (across processes under DDP), and the mask of a feature coordinate applies to
     every sample. ``level="param"``: the coordinates are the shared parameters', each gradient as it is.
-    ``leak`` (default 0.0) as LibMTL's; 1e-7 in the purity's denominator as theirs. The draws come from
+    ``leak`` (default 0.0) as LibMTL's. LibMTL adds 1e-7 to the purity's denominator; here a coordinate
+    whose gradients are all 0 gets ``P = ½`` instead (it contributes 0 either way), so that P does not
+    depend on the loss scale (fp16's GradScaler multiplies every gradient by it). The draws come from
     the training step's generator on the gradients' device (seeded from ``seed``, in checkpoints), so a
     run is reproducible and every process draws the same U. The combination is not a weighted sum: the
     logged weights are 1 and ``train.grad_clip`` clips after the backward.
@@ -274,7 +276,8 @@ class GradDrop(GradientAggregator):
             acc = torch.promote_types(r.dtype, torch.float32)  # float32 or wider: float64 stays float64
             pos = r.clamp_min(0).sum(0, dtype=acc)
             neg = r.clamp_max(0).sum(0, dtype=acc)
-            purity = 0.5 * (1.0 + (pos + neg) / (pos - neg + 1e-7))
+            mass = pos - neg
+            purity = 0.5 * (1.0 + (pos + neg) / torch.where(mass > 0, mass, 1.0))
             kept = torch.where(purity > u, pos, 0.0) + torch.where(purity < u, neg, 0.0)
             if self.leak > 0.0:
                 kept = self.leak * (pos + neg) + (1.0 - self.leak) * kept
@@ -289,7 +292,8 @@ class GradDrop(GradientAggregator):
             signed = [v.view(s.shape) for v, s in zip(torch.split(flat, [s.numel() for s in signed]), signed)]
         draws = self._draws([s.shape[1:] for s in signed], rows[0], generator)
         for r, s, u, o in zip(rows, signed, draws, out):
-            purity = 0.5 * (1.0 + s.sum(0) / (s.abs().sum(0) + 1e-7))
+            mass = s.abs().sum(0)
+            purity = 0.5 * (1.0 + s.sum(0) / torch.where(mass > 0, mass, 1.0))
             mask = ((purity > u) & (s > 0)) | ((purity < u) & (s < 0))  # [T, C, H, W]
             keep = self.leak + (1.0 - self.leak) * mask.to(acc)
             o.copy_((r * keep.unsqueeze(1).to(r.dtype)).sum(0))
