@@ -164,10 +164,17 @@ def graddrop_draws(gen: torch.Generator, shapes) -> torch.Tensor:
     return torch.rand(n, generator=gen, dtype=torch.float32)
 
 
+def purity(g: torch.Tensor) -> torch.Tensor:
+    """The sign purity ½(1 + Σg/Σ|g|) per coordinate, ½ where every g is 0."""
+    mass = g.abs().sum(0)
+    return torch.where(mass > 0, 0.5 * (1 + g.sum(0) / mass.where(mass > 0, torch.ones_like(mass))), 0.5)
+
+
 def ref_graddrop_params(J: torch.Tensor, U: torch.Tensor, leak: float) -> torch.Tensor:
-    """LibMTL's GradDrop formula with the coordinates of the shared parameters (no batch, no sign)."""
+    """LibMTL's GradDrop formula with the coordinates of the shared parameters (no batch, no sign); the
+    purity without LibMTL's 1e-7 (the documented choice: all-zero coordinates get 1/2)."""
     T = J.shape[0]
-    P_ = 0.5 * (1 + J.sum(0) / (J.abs().sum(0) + 1e-7))
+    P_ = purity(J)
     M = P_.gt(U).unsqueeze(0).repeat_interleave(T, dim=0) * J.gt(0) + \
         P_.lt(U).unsqueeze(0).repeat_interleave(T, dim=0) * J.lt(0)
     return (J * (leak + (1 - leak) * M.to(J.dtype))).sum(0)  # M in J's dtype: leak not rounded to float32
@@ -179,7 +186,7 @@ def ref_graddrop_features(per_grads: torch.Tensor, rep: torch.Tensor, U: torch.T
     T = per_grads.shape[0]
     inputs = rep.unsqueeze(0).repeat_interleave(T, dim=0)
     grads = (per_grads * inputs.sign()).sum(1)
-    P_ = 0.5 * (1 + grads.sum(0) / (grads.abs().sum(0) + 1e-7))
+    P_ = purity(grads)
     M = P_.gt(U).unsqueeze(0).repeat_interleave(T, dim=0) * grads.gt(0) + \
         P_.lt(U).unsqueeze(0).repeat_interleave(T, dim=0) * grads.lt(0)
     M = M.unsqueeze(1).repeat_interleave(per_grads.size()[1], dim=1)
@@ -504,8 +511,7 @@ def test_graddrop_leak_one_is_the_plain_sum():
 
 
 def test_graddrop_keeps_everything_when_signs_agree():
-    """All task gradients of one sign at a coordinate: P = 1 (or 0) up to the 1e-7, and every value is
-    kept, whatever U (magnitudes >= 1 keep 1 - P below the smallest gap 2^-24 of a float32 U)."""
+    """All task gradients of one sign at a coordinate: P = 1 (or 0), and every value is kept, whatever U."""
     gen = torch.Generator().manual_seed(12)
     T = 5
     sign = torch.where(torch.rand(P, generator=gen) < 0.5, -1.0, 1.0).to(torch.float64)
@@ -658,3 +664,17 @@ def test_gradient_balancer_end_to_end(name, via):
         for t in range(T):
             for p, g in zip(heads[t], head_grads[t]):
                 assert_matches(p.grad, g)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 2.0**16])
+def test_graddrop_purity_does_not_depend_on_the_gradients_scale(scale):
+    """Scaling every gradient (fp16's loss scale) scales the result and keeps the same coordinates: tiny
+    gradients of one sign are all kept (LibMTL's +1e-7 in the purity would drop about half of them)."""
+    gen = torch.Generator().manual_seed(5)
+    J = torch.randn(4, P, generator=gen, dtype=torch.float64)
+    ref = flat(GradDrop().aggregate(split(J), torch.Generator().manual_seed(1)))
+    out = flat(GradDrop().aggregate(split(J * scale), torch.Generator().manual_seed(1)))
+    assert_matches(out / scale, ref, J.abs().sum(0).max().item())
+    same_sign = J.abs() * scale
+    kept = flat(GradDrop().aggregate(split(same_sign), torch.Generator().manual_seed(1)))
+    assert torch.equal(kept, same_sign.sum(0))
