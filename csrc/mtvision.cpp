@@ -21,4 +21,9 @@ TORCH_LIBRARY(mtvision, m) {
   m.def("weighted_sum(Tensor[] grads, Tensor weights) -> Tensor[]");
   // The same written into `out` (one tensor shaped like each chunk without its T dim), e.g. .grad.
   m.def("weighted_sum_out(Tensor[] grads, Tensor weights, Tensor(a!)[] out) -> ()");
+  // GradDrop's sign dropout, chunk by chunk into `out`: per coordinate, with pos / neg the sums of the
+  // positive / negative task values and P = (1 + (pos + neg) / (pos - neg)) / 2 (1/2 where all are 0),
+  // out = leak * (pos + neg) + (1 - leak) * ([P > u] pos + [P < u] neg); u from `draws` (float32, one
+  // value per coordinate of each chunk).
+  m.def("sign_dropout_sum_out(Tensor[] grads, Tensor[] draws, float leak, Tensor(a!)[] out) -> ()");
 }

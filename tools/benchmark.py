@@ -283,7 +283,7 @@ def bench_aggregation(device, repeats):
 
 
 def bench_solve(repeats):
-    """Host time of each gradient method's T x T solve (``weights(gram)``), which the device waits for
+    """Host time of each gradient method's T x T solve (``weights_from(gram, stats)``), which the device waits for
     once per step: the trainer brings the Gramian to the host, solves, and sends T weights back."""
     from mtvision.balancing import AGGREGATORS
 
@@ -293,10 +293,15 @@ def bench_solve(repeats):
         # conflicting task gradients: a shared direction plus larger task-specific parts
         J = torch.randn(1, 256, generator=g, dtype=torch.float64) + 2 * torch.randn(T, 256, generator=g,
                                                                                     dtype=torch.float64)
-        gram = J @ J.T
+        # SDMGrad and MoDo solve on the [KT, KT] Gramian of K = 3 batches (the same gradients, perturbed);
+        # ExcessMTL also reads per-task statistics of the gradients (here their squared norms)
+        J3 = J.repeat(3, 1) + 0.1 * torch.randn(3 * T, 256, generator=g, dtype=torch.float64)
         for name, cls in AGGREGATORS.items():
             method, gen = cls(), torch.Generator().manual_seed(0)
-            t = median_time(lambda: method.weights(gram, gen), "cpu", max(repeats, 20) * 5, warmup=5)
+            rows_J = J if cls.batches_per_step == 1 else J3
+            gram, stats = rows_J @ rows_J.T, rows_J[:T].pow(2).sum(1)
+            t = median_time(lambda: method.weights_from(gram, stats, gen), "cpu", max(repeats, 20) * 5,
+                            warmup=5)
             rows.append({"op": f"{name} weights from the Gramian (host solve)", "shape": f"T{T}",
                          "device": f"cpu {torch.get_num_threads()} threads", "host_ms": 1e3 * t})
     return rows
@@ -325,7 +330,11 @@ def dispatched_ops(fn) -> int:
 # the passes a parameter-level method cannot avoid: one forward and T backward passes.
 
 STEP_METHODS = [("ew", "param"), ("pcgrad", "param"), ("mgda", "param"), ("cagrad", "param"),
-                ("nashmtl", "param"), ("upgrad", "param"), ("mgda", "rep"), ("pcgrad", "rep"), ("upgrad", "rep")]
+                ("nashmtl", "param"), ("upgrad", "param"), ("mgda", "rep"), ("pcgrad", "rep"), ("upgrad", "rep"),
+                ("gradvac", "param"), ("graddrop", "param"), ("dbmtl", "param"), ("fairgrad", "param"),
+                ("moco", "param"), ("excessmtl", "param"), ("sdmgrad", "param"), ("modo", "param"),
+                ("config", "param"), ("dualproj", "param"), ("graddrop", "rep"), ("gls", "loss"),
+                ("stch", "loss")]
 
 
 def paired_ratios(fns, device, rounds, per_round, warmup=2):
@@ -374,13 +383,16 @@ STEP_SETUPS = [
                "model.neck.out_channels=16", "model.heads.seg.channels=16", "model.heads.depth.channels=16",
                "model.heads.normal.channels=16"), calls_per_timing=10),
 ]
-# The issue's limits: a parameter-level step against the passes it needs, a rep-level one against EW.
+# The issue's limits: a parameter-level step against the passes it needs, a rep-level one against EW. A
+# loss weighting ("loss") is one backward like EW: its row has the ratio to EW and no limit.
 STEP_LIMITS = {"param": ("ratio_to_floor", 1.15), "rep": ("ratio_to_ew", 1.3)}
 
 
-def bench_training_step(device, repeats):
+def bench_training_step(device, repeats, methods=None):
     """One training step per method and setup (``STEP_SETUPS``); the EW step and the passes the method
-    needs timed in the same interleaved rounds, see ``paired_ratios``."""
+    needs timed in the same interleaved rounds, see ``paired_ratios``. A method that draws K batches a
+    step (SDMGrad, MoDo) needs K forwards and K*T backward passes, and its ratio to EW is per K batches.
+    ``methods``: only these ``name:level`` rows (EW's own row always)."""
     from mtvision.config import load_config
     from mtvision.engine import Trainer
 
@@ -393,6 +405,7 @@ def bench_training_step(device, repeats):
     rows = []
     for setup in STEP_SETUPS:
         def trainer_for(name, level):
+            level = "param" if level == "loss" else level
             cfg = load_config(os.path.join(root, "configs/synthetic/mtl_resnet18.yaml"),
                               [*base, *setup.overrides, f"balancer.name={name}", f"balancer.level={level}"])
             return Trainer(cfg, console=False, progress=False)
@@ -402,10 +415,16 @@ def bench_training_step(device, repeats):
         batch = next(iter(ew.train_loader))
         per_round = 10 if device == "cuda" else setup.calls_per_timing  # GPU steps are short
         for name, level in STEP_METHODS:
+            if methods and name != "ew" and f"{name}:{level}" not in methods:
+                continue
             trainer = ew if name == "ew" else trainer_for(name, level)
-            fns = {"step": lambda: trainer.run_step(batch), "ew": lambda: ew.run_step(batch)}
+            K = trainer.balancer.batches_per_step
+            step_batch = batch if K == 1 else [batch] * K
+            fns = {"step": lambda: trainer.run_step(step_batch),
+                   "ew": lambda: [ew.run_step(batch) for _ in range(K)]}
             if level == "param" and name != "ew":
-                fns["floor"] = per_task_passes(trainer, batch)[0]
+                passes = per_task_passes(trainer, batch)[0]
+                fns["floor"] = passes if K == 1 else lambda: [passes() for _ in range(K)]
             if name == "ew":
                 del fns["ew"]
             times = paired_ratios(fns, device, rounds, per_round)
@@ -417,7 +436,7 @@ def bench_training_step(device, repeats):
                 row["floor_ms"] = 1e3 * statistics.median(times["floor"])
                 row["ratio_to_floor"] = median_ratio(times["step"], times["floor"])
                 row["floor_ops"] = dispatched_ops(fns["floor"])
-            if name != "ew":
+            if name != "ew" and level in STEP_LIMITS:
                 key, limit = STEP_LIMITS[level]
                 row["limit"] = f"{key} <= {limit}"
                 row["within"] = row[key] <= limit
@@ -600,6 +619,8 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--only", choices=["loss", "aggregation", "solve", "step", "switches", "data"],
                         help="run one group of rows")
+    parser.add_argument("--methods", nargs="+", metavar="NAME:LEVEL",
+                        help="step rows of these methods only (e.g. dbmtl:param graddrop:rep gls:loss)")
     parser.add_argument("--_memory-probe", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_probe:
@@ -620,7 +641,7 @@ def main(argv=None):
         if args.only in (None, "aggregation"):
             rows += bench_aggregation(device, args.repeats)
         if args.only in (None, "step"):
-            rows += bench_training_step(device, args.repeats)
+            rows += bench_training_step(device, args.repeats, args.methods)
         if args.only in (None, "switches"):
             rows += bench_switches(device, args.repeats)
     if args.only in (None, "solve"):  # host work, whatever --device says

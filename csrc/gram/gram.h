@@ -31,6 +31,12 @@ std::vector<at::Tensor> weighted_sum_cpu(at::TensorList grads, const at::Tensor&
 // persistent .grad buffers: no allocation (and no page faults) per step.
 void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::TensorList out);
 
+// GradDrop's sign dropout of the T values of every coordinate (see the schema in mtvision.cpp) into out.
+void sign_dropout_sum_out_cpu(at::TensorList grads, at::TensorList draws, double leak, at::TensorList out);
+
+// Checks of sign_dropout_sum's draws (float32, one per coordinate of each chunk); returns them flat.
+std::vector<at::Tensor> flat_draws(const GradChunks& g, at::TensorList draws);
+
 // Checks of weighted_sum's weights and out tensors; returns the outs flattened to [n_i].
 void check_weights(const GradChunks& g, const at::Tensor& weights);
 std::vector<at::Tensor> flat_outputs(const GradChunks& g, at::TensorList out);

@@ -45,4 +45,20 @@ std::vector<at::Tensor> flat_outputs(const GradChunks& g, at::TensorList out) {
   return flat;
 }
 
+std::vector<at::Tensor> flat_draws(const GradChunks& g, at::TensorList draws) {
+  TORCH_CHECK(draws.size() == g.chunks.size(), "sign_dropout_sum: ", draws.size(), " draw tensors for ",
+              g.chunks.size(), " gradient chunks");
+  std::vector<at::Tensor> flat;
+  for (size_t i = 0; i < draws.size(); ++i) {
+    const at::Tensor& u = draws[i];
+    TORCH_CHECK(u.numel() == g.chunks[i].size(1) && u.is_contiguous() && u.scalar_type() == at::kFloat &&
+                    u.device() == g.chunks[i].device(),
+                "sign_dropout_sum: draws ", i, " must be a contiguous float32 tensor of ", g.chunks[i].size(1),
+                " elements on ", g.chunks[i].device(), ", got ", u.scalar_type(), " ", u.sizes(), " on ",
+                u.device());
+    flat.push_back(u.view({-1}));
+  }
+  return flat;
+}
+
 }  // namespace mtvision

@@ -119,6 +119,35 @@ MTV_SIMD_CLONES void tile_weighted_sum(const T* const* rows, const acc_t* w, int
   }
 }
 
+// GradDrop on n columns: the positive and negative sums of the T values, the sign purity, the draw.
+// Tiles of columns with the task loop outside, so that both passes vectorize (branch-free selects).
+template <typename T, typename acc_t = typename AccType<T>::type>
+MTV_SIMD_CLONES void tile_sign_dropout(const T* const* rows, const float* u, int64_t T_, int64_t n, acc_t leak,
+                                       acc_t keep, T* __restrict out) {
+  constexpr int64_t kTile = 256;
+  acc_t pos[kTile], neg[kTile];
+  for (int64_t j0 = 0; j0 < n; j0 += kTile) {
+    const int64_t m = std::min(kTile, n - j0);
+    for (int64_t j = 0; j < m; ++j) pos[j] = neg[j] = 0;
+    for (int64_t t = 0; t < T_; ++t) {
+      const T* __restrict r = rows[t] + j0;
+      for (int64_t j = 0; j < m; ++j) {
+        const acc_t v = static_cast<acc_t>(r[j]);
+        pos[j] += v > 0 ? v : acc_t(0);
+        neg[j] += v < 0 ? v : acc_t(0);
+      }
+    }
+    const float* __restrict uu = u + j0;
+    for (int64_t j = 0; j < m; ++j) {
+      const acc_t mass = pos[j] - neg[j];
+      const acc_t purity = acc_t(0.5) * (acc_t(1) + (pos[j] + neg[j]) / (mass > 0 ? mass : acc_t(1)));
+      const acc_t draw = static_cast<acc_t>(uu[j]);
+      const acc_t kept = (purity > draw ? pos[j] : acc_t(0)) + (purity < draw ? neg[j] : acc_t(0));
+      out[j0 + j] = static_cast<T>(leak > 0 ? leak * (pos[j] + neg[j]) + keep * kept : kept);
+    }
+  }
+}
+
 // Tile width: all T rows of a tile stay in L1 (~16 KiB) while the T(T+1)/2 dot products read them.
 int64_t tile_columns(int64_t T_, int64_t elem_size) {
   return std::max<int64_t>(64, (16384 / (T_ * elem_size)) / 16 * 16);
@@ -186,6 +215,30 @@ void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::T
   });
 }
 
+void sign_dropout_sum_out_cpu(at::TensorList grads, at::TensorList draws_list, double leak,
+                              at::TensorList out_list) {
+  const GradChunks g = check_grad_chunks(grads, "sign_dropout_sum");
+  TORCH_CHECK(leak >= 0.0 && leak <= 1.0, "sign_dropout_sum: leak must be in [0, 1], got ", leak);
+  const std::vector<at::Tensor> draws = flat_draws(g, draws_list);
+  const std::vector<at::Tensor> out = flat_outputs(g, out_list);
+  const std::vector<Item> items = make_items(g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.chunks[0].scalar_type(), "sign_dropout_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<const scalar_t*> rows(g.T);
+      for (int64_t i = begin; i < end; ++i) {
+        const Item& it = items[i];
+        const at::Tensor& chunk = g.chunks[it.chunk];
+        const int64_t n = chunk.size(1);
+        for (int64_t t = 0; t < g.T; ++t) rows[t] = chunk.data_ptr<scalar_t>() + t * n + it.begin;
+        tile_sign_dropout(rows.data(), draws[it.chunk].data_ptr<float>() + it.begin, g.T, it.end - it.begin,
+                          static_cast<acc_t>(leak), static_cast<acc_t>(1.0 - leak),
+                          out[it.chunk].data_ptr<scalar_t>() + it.begin);
+      }
+    });
+  });
+}
+
 std::vector<at::Tensor> weighted_sum_cpu(at::TensorList grads, const at::Tensor& weights) {
   TORCH_CHECK(!grads.empty(), "weighted_sum: no gradients given");
   return weighted_sum_alloc(
@@ -197,6 +250,7 @@ TORCH_LIBRARY_IMPL(mtvision, CPU, m) {
   m.impl("gram_matrix", &gram_matrix_cpu);
   m.impl("weighted_sum", &weighted_sum_cpu);
   m.impl("weighted_sum_out", &weighted_sum_out_cpu);
+  m.impl("sign_dropout_sum_out", &sign_dropout_sum_out_cpu);
 }
 
 }  // namespace mtvision

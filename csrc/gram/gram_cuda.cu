@@ -120,6 +120,37 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(const ChunkDesc*
   }
 }
 
+// GradDrop's sign dropout per coordinate (see the CPU kernel): `draws` holds one float32 per column of
+// every chunk, laid out chunk after chunk as the ChunkDesc order (draw_offsets[c] = the chunk's first).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sign_dropout_kernel(const ChunkDesc* table, int num_chunks,
+                                                                int T_, const float* const* draws,
+                                                                typename AccType<T>::type leak,
+                                                                typename AccType<T>::type keep) {
+  using acc_t = typename AccType<T>::type;
+  const int64_t item = blockIdx.x;
+  const int ci = find_chunk(table, num_chunks, item);
+  const ChunkDesc c = table[ci];
+  const T* src = static_cast<const T*>(c.src);
+  T* dst = static_cast<T*>(c.dst);
+  const float* u = draws[ci];
+  const int64_t begin = (item - c.first_item) * kItemColumns;
+  const int64_t end = min(c.n, begin + kItemColumns);
+  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+    acc_t pos = 0, neg = 0;
+    for (int t = 0; t < T_; ++t) {
+      const acc_t v = static_cast<acc_t>(src[t * c.n + j]);
+      pos += v > 0 ? v : acc_t(0);
+      neg += v < 0 ? v : acc_t(0);
+    }
+    const acc_t mass = pos - neg;
+    const acc_t purity = acc_t(0.5) * (acc_t(1) + (pos + neg) / (mass > 0 ? mass : acc_t(1)));
+    const acc_t draw = static_cast<acc_t>(u[j]);
+    const acc_t kept = (purity > draw ? pos : acc_t(0)) + (purity < draw ? neg : acc_t(0));
+    dst[j] = static_cast<T>(leak > 0 ? leak * (pos + neg) + keep * kept : kept);
+  }
+}
+
 // Device copy of the chunk table; returns it and the number of blocks.
 std::pair<at::Tensor, int64_t> chunk_table(const GradChunks& g, const std::vector<at::Tensor>* outs) {
   std::vector<ChunkDesc> table;
@@ -191,6 +222,33 @@ void weighted_sum_out_cuda(at::TensorList grads, const at::Tensor& weights, at::
   });
 }
 
+void sign_dropout_sum_out_cuda(at::TensorList grads, at::TensorList draws_list, double leak,
+                               at::TensorList out_list) {
+  const GradChunks g = check_grad_chunks(grads, "sign_dropout_sum");
+  TORCH_CHECK(leak >= 0.0 && leak <= 1.0, "sign_dropout_sum: leak must be in [0, 1], got ", leak);
+  const std::vector<at::Tensor> draws = flat_draws(g, draws_list);
+  const std::vector<at::Tensor> out = flat_outputs(g, out_list);
+  const at::Tensor& first = g.chunks[0];
+  const c10::cuda::CUDAGuard guard(first.device());
+  auto [table, items] = chunk_table(g, &out);
+  // the chunks' draw pointers, copied with the table's pinned-host pattern
+  std::vector<const float*> ptrs;
+  for (const at::Tensor& u : draws) ptrs.push_back(u.data_ptr<float>());
+  const int64_t bytes = static_cast<int64_t>(ptrs.size() * sizeof(const float*));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), ptrs.data(), bytes);
+  const at::Tensor dev_ptrs = host.to(first.device(), /*non_blocking=*/true);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "sign_dropout_cuda", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    sign_dropout_kernel<scalar_t><<<static_cast<unsigned int>(items), kThreads, 0, stream>>>(
+        reinterpret_cast<const ChunkDesc*>(table.data_ptr()), static_cast<int>(g.chunks.size()),
+        static_cast<int>(g.T), reinterpret_cast<const float* const*>(dev_ptrs.data_ptr()),
+        static_cast<acc_t>(leak), static_cast<acc_t>(1.0 - leak));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 std::vector<at::Tensor> weighted_sum_cuda(at::TensorList grads, const at::Tensor& weights) {
   TORCH_CHECK(!grads.empty(), "weighted_sum: no gradients given");
   return weighted_sum_alloc(
@@ -204,6 +262,7 @@ TORCH_LIBRARY_IMPL(mtvision, CUDA, m) {
   m.impl("gram_matrix", &gram_matrix_cuda);
   m.impl("weighted_sum", &weighted_sum_cuda);
   m.impl("weighted_sum_out", &weighted_sum_out_cuda);
+  m.impl("sign_dropout_sum_out", &sign_dropout_sum_out_cuda);
 }
 
 }  // namespace mtvision

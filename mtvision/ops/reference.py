@@ -60,3 +60,21 @@ def weighted_sum(grads: Tensor | list[Tensor], weights: Tensor) -> Tensor | list
     w = weights.double()
     out = [torch.tensordot(w.to(c.device), c.double(), dims=1).to(c.dtype) for c in _as_chunks(grads)]
     return out[0] if isinstance(grads, Tensor) else out
+
+
+def sign_dropout_sum(grads: Tensor | list[Tensor], draws: Tensor | list[Tensor], leak: float = 0.0
+                     ) -> Tensor | list[Tensor]:
+    """GradDrop's combination (Chen et al. 2020) of ``[T, ...]`` chunks, written per task: the sign
+    purity ``P = ½(1 + Σ_t g_t / Σ_t |g_t|)`` (½ where all are 0), the mask ``M_t = [P > u][g_t > 0] +
+    [P < u][g_t < 0]`` and ``Σ_t g_t (leak + (1 − leak) M_t)``, in float64; each result in its chunk's dtype."""
+    chunks = _as_chunks(grads)
+    us = [draws] if isinstance(draws, Tensor) else list(draws)
+    out = []
+    for c, u in zip(chunks, us):
+        g = c.double()
+        mass = g.abs().sum(0)
+        purity = torch.where(mass > 0, 0.5 * (1 + g.sum(0) / torch.where(mass > 0, mass, 1.0)), 0.5)
+        u = u.double().reshape(purity.shape)
+        mask = ((purity > u) & (g > 0)) | ((purity < u) & (g < 0))
+        out.append((g * (leak + (1 - leak) * mask.double())).sum(0).to(c.dtype))
+    return out[0] if isinstance(grads, Tensor) else out
