@@ -76,6 +76,8 @@ def test_failed_method_and_head_overrides(out, monkeypatch):
     assert dt.main(["--out", str(out), "--methods", "ew", "model.heads.normal.channels=8"]) == 0
     (cmd,) = calls  # only ew trained: the seed-0 baselines exist
     assert "model.heads.normal.channels=8" in cmd and f"work_dir={out / 'ew' / 'seed0'}" in cmd
+    # train.py's --resume takes an optional PATH: anything after it would be read as the checkpoint
+    assert cmd[-1] == "--resume"
     assert "| ew | loss | failed |" in (out / "table.md").read_text()
     stl_seg = dt.CONFIGS / "stl_seg.yaml"
     assert dt.overrides_for(stl_seg, ["model.heads.normal.channels=8", "model.heads.seg.channels=8", "seed=1"]) \

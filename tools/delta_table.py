@@ -57,9 +57,10 @@ def train(config: Path, work_dir: Path, overrides: list[str]) -> dict | None:
     metrics = work_dir / "metrics.json"
     if not metrics.is_file():
         work_dir.mkdir(parents=True, exist_ok=True)
-        # --resume: an interrupted run continues (tools/train.py refuses to write over its checkpoints)
-        cmd = [sys.executable, str(ROOT / "tools" / "train.py"), str(config), "--no-progress", "--resume",
-               *overrides_for(config, overrides), f"work_dir={work_dir}"]
+        # --resume: an interrupted run continues (tools/train.py refuses to write over its checkpoints);
+        # last, because its optional PATH would take the next argument
+        cmd = [sys.executable, str(ROOT / "tools" / "train.py"), str(config), "--no-progress",
+               *overrides_for(config, overrides), f"work_dir={work_dir}", "--resume"]
         t0 = time.perf_counter()
         with open(work_dir / "stdout.log", "w") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
