@@ -11,7 +11,8 @@ as ``aggregate(grads [T,P]) -> [P]``). The training loop drives either through o
 from __future__ import annotations
 
 from ..registry import BALANCERS
-from .aggregators import AlignedMTL, CAGrad, GradientAggregator, IMTLG, MGDA, NashMTL, PCGrad, UPGrad
+from .aggregators import (AlignedMTL, CAGrad, ConFIG, DualProj, FairGrad, GradientAggregator, GradVac, IMTLG,
+                          MGDA, NashMTL, PCGrad, UPGrad)
 from .gradient_step import GradientBalancer, GradientCombination
 from .step import Balancer, BalanceResult, Forward, LossWeightingBalancer, build_task_balancer
 from .learned_weighting import FAMO, GradNorm
@@ -25,6 +26,7 @@ __all__ = [
     "LossWeighting", "LossWeightingBalancer", "MGDA", "MoDo", "NashMTL", "PCGrad", "RLW", "UPGrad", "UW",
     "AlignedMTL", "CAGrad", "SDMGrad", "build_balancer", "build_task_balancer", "is_gradient_method",
     "GLS", "STCH",
+    "ConFIG", "DualProj", "FairGrad", "GradVac",
 ]
 
 #: The built-in loss weightings and gradient methods by config name (views of ``BALANCERS`` at import).

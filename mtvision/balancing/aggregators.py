@@ -4,8 +4,9 @@ Every method is a class with
 
 - ``weights(gram [T,T], generator=None) -> [T]`` — the task weights, on the Gramian's device, float64
   for a float64 Gramian and float32 otherwise; computed in float64 from the small matrix alone, with
-  fixed iteration counts and no ``.item()`` (no host synchronisation; the one exception is
-  Aligned-MTL's eigendecomposition, whose error check reads a flag on CUDA);
+  fixed iteration counts and no ``.item()`` (no host synchronisation; the exceptions are the
+  eigendecompositions of Aligned-MTL and ConFIG, whose error checks read a flag on CUDA); on CPU some
+  solvers stop early once converged or run their small loops in NumPy (FairGrad);
 - ``aggregate(grads, generator=None) -> [P]`` — ``weighted_sum(grads, weights(gram_matrix(grads)))``,
   where ``grads`` is ``[T,P]`` or a list of per-parameter ``[T,...]`` chunks (then a list of chunks
   comes back). So the aggregate is always a combination of the task gradients that were passed.
@@ -21,7 +22,7 @@ code was followed, as each docstring says.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -31,13 +32,17 @@ from mtvision.ops import gram_matrix, weighted_sum
 from mtvision.registry import BALANCERS
 
 __all__ = [
-    "GradientAggregator",
-    "PCGrad",
-    "MGDA",
-    "CAGrad",
-    "NashMTL",
     "IMTLG",
+    "MGDA",
     "AlignedMTL",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
+    "FairGrad",
+    "GradVac",
+    "GradientAggregator",
+    "NashMTL",
+    "PCGrad",
     "UPGrad",
 ]
 
@@ -465,3 +470,227 @@ class UPGrad(GradientAggregator):
         G = G + self.reg_eps * torch.eye(T, dtype=G.dtype, device=G.device)
         V = solvers.dual_cone_weights(G, torch.diag(p), max_iter=self.max_iter)
         return _out(V.sum(0), gram)
+
+
+@BALANCERS.register("config")
+class ConFIG(GradientAggregator):
+    """ConFIG (Liu et al. 2025, "ConFIG: Towards Conflict-free Training of Physics Informed Neural
+    Networks"), with the defaults of the authors' ``conflictfree.grad_operator.ConFIG_update``
+    (``weight_model=EqualWeight()``, ``length_model=ProjectionLength()``, ``use_least_square=True``).
+
+    Direction: the minimum-norm least-squares solution x of ``u_i·x = 1`` for every unit task gradient
+    ``u_i = g_i/|g_i|`` (``lstsq(units, 1)``: equal, positive projections on every task), normalised to
+    ``x̂``; length: ``Σ_i g_i·x̂`` (the projections of the raw gradients); the update is ``length · x̂``.
+    From the Gramian: with ``D = diag|g_i|`` and ``Ĝ = D⁻¹GD⁻¹`` the Gramian of the unit gradients,
+    ``x = Σ_i c_i u_i`` with ``c = pinv(Ĝ) 1``, so the coefficients on the raw gradients are
+    ``a = D⁻¹c``, ``|x|² = cᵀĜc`` and the weights are ``a (1ᵀGa)/|x|²``. No keyword arguments.
+
+    Pseudo-inverse: eigenvalues of Ĝ up to ``T·eps(float32)·λ_max`` count as zero (the rounding that
+    a Gramian of float32 gradients carries; as Aligned-MTL here). ``lstsq`` on the ``[T,P]`` unit
+    vectors cuts singular values below ``eps·max(T,P)`` of the largest instead; the two differ only
+    for unit gradients within ~``sqrt(T·eps32)`` (6e-4 at T = 3) of linear dependence, where the exact
+    solution is dominated by that rounding. If ``1`` has no component in the range of Ĝ (beyond the
+    same relative tolerance: ``x = 0``, e.g. two opposite gradients) the update is 0, as the authors'
+    ``unit_vector`` of a zero vector. A zero gradient (``|g_i|² <= 1e-30 max_j |g_j|²``) gets weight
+    0: the authors' code zeroes its undefined unit vector, whose equation then does not change x.
+    Duplicated gradients split the direction coefficient of one (x is that of a single copy; the
+    length counts both). Weights may be negative (where Ĝ is singular).
+
+    ``torch.linalg.eigh`` checks for errors, which reads a flag back on CUDA (as Aligned-MTL).
+    """
+
+    @torch.no_grad()
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        T = _check_gram(gram)
+        G = _gram64(gram)
+        d = G.diagonal()
+        active = d > 1e-30 * d.amax()
+        inv_n = torch.where(active, d.clamp_min(1e-300).rsqrt(), 0.0)
+        lam, V = torch.linalg.eigh(G * inv_n[:, None] * inv_n[None, :])  # Ĝ; zero rows for zero g_i
+        tol = T * torch.finfo(torch.float32).eps
+        keep = lam > tol * lam.amax()
+        b = torch.where(keep, V.sum(0), 0.0)  # Vᵀ1 on the kept eigenvectors
+        b_lam = b / torch.where(keep, lam, 1.0)
+        a = inv_n * (V @ b_lam)  # c = V Λ⁺ Vᵀ 1, a = D⁻¹ c
+        x2 = (b * b_lam).sum()  # |x|² = 1ᵀ Ĝ⁺ 1
+        length = G.sum(0) @ a  # Σ_i g_i · x (= 1ᵀ G a)
+        ok = (b * b).sum() > T * tol  # |P 1|² relative to |1|² = T
+        w = torch.where(ok, a * (length / torch.where(ok, x2, 1.0)), 0.0)
+        return _out(w, gram)
+
+
+@BALANCERS.register("dualproj")
+class DualProj(GradientAggregator):
+    """DualProj (torchjd's ``DualProj``, Quinton & Rey 2024; the projection of Lopez-Paz & Ranzato
+    2017, GEM, Eq. 11): the preference-weighted combination of the task gradients (default the mean,
+    ``p = 1/T``) projected onto the dual cone ``{x : g_t·x >= 0 ∀t}``, i.e. ``Jᵀv`` with
+    ``v = argmin_{v >= p} vᵀGv`` (one QP, :func:`~mtvision.balancing.solvers.dual_cone_weights` with
+    ``p`` as its one row). UPGrad projects every ``p_i g_i`` separately and sums; DualProj projects
+    their sum once.
+
+    As torchjd (``DualProjWeighting``, kwargs ``pref_vector=None, norm_eps=1e-4, reg_eps=1e-4``) and
+    UPGrad here: the Gramian is divided by its trace (if the trace is below ``norm_eps`` it is taken as
+    0, and the weights are then ``p``) and ``reg_eps·I`` is added before solving. ``reg_eps=0`` gives
+    the exact projection (the aggregate has a non-negative inner product with every task gradient);
+    with the default that product is ``>= −reg_eps·tr(G)·v_t``. ``max_iter``: the active-set budget.
+    The QP is solved on the unit-diagonal ``D⁻¹GD⁻¹`` (``D = diag sqrt(G_ii)``, variables ``Dv``), the
+    same problem, so that gradients whose norms differ by orders of magnitude keep exact constraints.
+    """
+
+    def __init__(self, pref_vector: Sequence[float] | Tensor | None = None, norm_eps: float = 1e-4,
+                 reg_eps: float = 1e-4, max_iter: int | None = None):
+        if norm_eps < 0 or reg_eps < 0:
+            raise ValueError(f"DualProj: norm_eps and reg_eps must be >= 0, got {norm_eps}, {reg_eps}")
+        self.pref_vector = None if pref_vector is None else [
+            float(x) for x in torch.as_tensor(pref_vector, dtype=torch.float64).reshape(-1)]
+        self.norm_eps = float(norm_eps)
+        self.reg_eps = float(reg_eps)
+        self.max_iter = max_iter
+
+    @torch.no_grad()
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        T = _check_gram(gram)
+        G = _gram64(gram)
+        if self.pref_vector is None:
+            p = torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)
+        else:
+            if len(self.pref_vector) != T:
+                raise ValueError(f"DualProj: pref_vector has {len(self.pref_vector)} entries for {T} tasks")
+            p = torch.tensor(self.pref_vector, dtype=G.dtype).to(G.device, non_blocking=True)
+        tr = G.diagonal().sum()
+        G = torch.where(tr >= self.norm_eps, G / torch.where(tr > 0, tr, 1.0), 0.0)
+        G = G + self.reg_eps * torch.eye(T, dtype=G.dtype, device=G.device)
+        # Solved for y = D v with D = diag(sqrt(G_ii)) (the same problem on the unit-diagonal
+        # D⁻¹GD⁻¹): the active-set tolerances are relative to the largest diagonal entry, and gradient
+        # norms can differ by orders of magnitude.
+        d = G.diagonal().clamp_min(0).sqrt()
+        d = torch.where(d > 0, d, 1.0)
+        y = solvers.dual_cone_weights(G / (d[:, None] * d[None, :]), (d * p)[None, :], max_iter=self.max_iter)
+        return _out(y[0] / d, gram)
+
+
+@BALANCERS.register("fairgrad")
+class FairGrad(GradientAggregator):
+    """FairGrad (Ban & Ji 2024, "Fair Resource Allocation in Multi-Task Learning").
+
+    α-fair allocation: the weights are the positive solution of ``G w = w^(−1/α)`` element-wise (the
+    update ``d = Σ w_i g_i`` gives task i the "utility" ``g_i·d = w_i^(−1/α)``); ``α = 1`` is the
+    Nash-MTL system ``G w = 1/w`` (proportional fairness), larger α moves towards max-min fairness.
+    The authors' code (``FairGrad`` in OptMN-Lab/fairgrad; LibMTL's ``FairGrad``) minimises
+    ``||Gw − w^(−1/α)||²`` with scipy's ``least_squares(bounds=(0, inf))`` from ``w = 1/T``; here the
+    same system is solved to convergence on the host by Newton's method
+    (:func:`~mtvision.balancing.solvers.fair_allocation`, at most ``iters`` steps), with the same
+    solution where one exists. Kwarg ``alpha`` (default 1.0, as LibMTL's ``FairGrad_alpha`` and the
+    authors' ``--alpha``). The update is ``Σ w_i g_i`` as in LibMTL; the authors' trainer also
+    multiplies it by T and clips it to norm ``max_norm=1`` (not reproduced here: that is the training
+    loop's gradient clipping). ``iters`` (default 30): the Newton budget; on CPU the solver stops once
+    converged (4 to 15 steps in our tests).
+
+    Scaling G by s scales the weights by ``s^(−α/(α+1))``. A zero task gradient gets weight 0 (it has
+    no equation to satisfy). Where no positive solution exists (a non-negative combination of the
+    gradients vanishes, e.g. opposed gradients) the residual has no least-squares minimiser either
+    (it tends to 0 only as the weights grow without bound): the weights of the cancelling group grow
+    until the weighted gradients cancel to 1e-4 of their norms and are then held, the other tasks'
+    equations are solved with them, and that finite point is returned (see the solver).
+    """
+
+    def __init__(self, alpha: float = 1.0, iters: int = 30):
+        if not alpha > 0:
+            raise ValueError(f"FairGrad: alpha must be > 0, got {alpha}")
+        if iters < 1:
+            raise ValueError(f"FairGrad: iters must be >= 1, got {iters}")
+        self.alpha = float(alpha)
+        self.iters = int(iters)
+
+    @torch.no_grad()
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_gram(gram)
+        return _out(solvers.fair_allocation(_gram64(gram), self.alpha, iters=self.iters), gram)
+
+
+#: GradVac: a vaccinated gradient with |g^PC|² <= this × (Σ_k |c_k||g_k|)² counts as zero (see the class).
+_GRADVAC_RESOLUTION = 1e-10
+
+
+@BALANCERS.register("gradvac")
+class GradVac(GradientAggregator):
+    """Gradient Vaccine (Wang et al. 2021, "Gradient Vaccine: Investigating and Improving Multi-task
+    Optimization in Massively Multilingual Models"), whole-model granularity (LibMTL's
+    ``GradVac_group_type=0``); kwarg ``beta``, the EMA decay of the similarity targets (default 0.5, as
+    LibMTL's ``GradVac_beta``).
+
+    Per step, for each task i over the other tasks j in a random order, with ``g_i^PC`` the current
+    (vaccinated) gradient of task i and ``φ = g_i^PC·g_j / (|g_i^PC||g_j| + 1e-8)``: if ``φ < φ̂_ij``,
+    ``g_i^PC += |g_i^PC| (φ̂_ij sqrt(1−φ²) − φ sqrt(1−φ̂_ij²)) / (|g_j| sqrt(1−φ̂_ij²) + 1e-8) g_j``
+    (the paper's Eq. 3, which sets the cosine to the target); then ``φ̂_ij ← (1−β) φ̂_ij + β φ`` on
+    every visit of the pair, whether or not it was changed. The update is ``Σ_i g_i^PC``. As in
+    LibMTL's implementation: the targets start at 0 (so the first step projects only conflicting
+    pairs, as PCGrad), ``φ`` is taken against the *original* ``g_j``, and the 1e-8 in both
+    denominators. A zero ``g_j`` is skipped (its coefficient would multiply a zero vector; its target
+    is still updated with ``φ = 0``); ``1 − φ²`` is clamped at 0 against rounding. A vaccinated
+    gradient that has cancelled to ``|g_i^PC| <= 1e-5 Σ_k |c_k||g_k|`` (``c`` its coefficients: exactly
+    opposed gradients, which the formula's 1e-8 leave at ~1e-8/|g_j| of g_i) has a norm below what the
+    Gramian resolves (``|g_i^PC|²`` comes from cancelling terms): it counts as zero for φ, i.e.
+    ``φ = 0`` and no change, as the authors' code does for a zero vector.
+
+    Every change is a multiple of an original gradient, so ``g_i^PC`` is tracked as a coefficient
+    vector over them (as :class:`PCGrad`) and the weights come from the Gramian. The order of task i's
+    partners is drawn as :meth:`PCGrad.task_orders` does, from ``generator``. State: the ``[T,T]``
+    float64 targets ``φ̂`` (sized on the first call; a Gramian of another size is an error), in
+    :meth:`state_dict` as ``{"targets": tensor}`` (empty before the first step).
+    """
+
+    stochastic = True
+
+    def __init__(self, beta: float = 0.5):
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"GradVac: beta must be in [0, 1], got {beta}")
+        self.beta = float(beta)
+        self._targets: Tensor | None = None
+
+    def state_dict(self) -> dict:
+        return {} if self._targets is None else {"targets": self._targets.detach().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        targets = state.get("targets")
+        if targets is None:
+            self._targets = None
+            return
+        targets = torch.as_tensor(targets).detach().to(torch.float64).clone()
+        if targets.dim() != 2 or targets.shape[0] != targets.shape[1]:
+            raise ValueError(f"GradVac.load_state_dict: targets must be [T,T], got {tuple(targets.shape)}")
+        self._targets = targets
+
+    @torch.no_grad()
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        T = _check_gram(gram)
+        G = _gram64(gram)
+        rho = self._targets
+        if rho is None:
+            rho = torch.zeros(T, T, dtype=G.dtype, device=G.device)
+        elif rho.shape != (T, T):
+            raise ValueError(f"GradVac: the targets are for {rho.shape[0]} tasks, the Gramian has {T}")
+        else:
+            rho = rho.to(G.device)
+        orders = PCGrad.task_orders(T, generator, G.device)
+        norms = G.diagonal().clamp_min(0).sqrt()
+        C = torch.eye(T, dtype=G.dtype, device=G.device)  # row i: coefficients of g_i^PC
+        beta = self.beta
+        for s in range(T - 1):
+            j = orders[:, s, None]  # [T,1]: task i's partner at this position
+            CG = C @ G  # row i: g_i^PC · g_k for every k
+            n2 = (CG * C).sum(1, keepdim=True)
+            bound = C.abs() @ norms[:, None]  # Σ_k |c_ik| |g_k| >= |g_i^PC|
+            resolved = n2 > _GRADVAC_RESOLUTION * bound * bound
+            n_i = torch.where(resolved, n2, 0.0).sqrt()
+            dots = torch.where(resolved, CG.gather(1, j), 0.0)
+            n_j = norms[j]
+            phi = dots / (n_i * n_j + 1e-8)
+            tgt = rho.gather(1, j)
+            s_phi = (1 - phi * phi).clamp_min(0).sqrt()
+            s_tgt = (1 - tgt * tgt).clamp_min(0).sqrt()
+            coef = n_i * (tgt * s_phi - phi * s_tgt) / (n_j * s_tgt + 1e-8)
+            C = C.scatter_add(1, j, torch.where((phi < tgt) & (n_j > 0), coef, 0.0))
+            rho = rho.scatter(1, j, (1 - beta) * tgt + beta * phi)
+        self._targets = rho
+        return _out(C.sum(0), gram)

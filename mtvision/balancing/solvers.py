@@ -19,23 +19,27 @@ handled without a regularisation that would move the solution.
 - :func:`simplex_newton` — projected Newton on the simplex for a smooth convex function, with a
   line search evaluated for all step sizes at once (CAGrad's dual).
 - :func:`nash_bargaining` — the positive solution of ``G w = 1/w`` (Nash-MTL) by damped Newton.
+- :func:`fair_allocation` — the positive solution of ``G w = w^(−1/α)`` (FairGrad) by Newton with a line
+  search; on CPU in NumPy.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
-    "nnls_gram",
+    "dual_cone_weights",
+    "fair_allocation",
     "min_norm_simplex",
     "min_norm_simplex_fw",
-    "dual_cone_weights",
+    "nash_bargaining",
+    "nnls_gram",
     "project_simplex",
     "simplex_newton",
-    "nash_bargaining",
 ]
 
 _TINY = 1e-300
@@ -336,3 +340,166 @@ def nash_bargaining(gram: Tensor, iters: int = 20) -> Tensor:
             break  # quadratic convergence: the next step would change w by ~dec² relatively
     # Back to the original scale: G (w / sqrt(s)) = 1 / (w / sqrt(s)).
     return torch.where(active, w / s.sqrt(), 0.0)
+
+
+def fair_allocation(gram: Tensor, alpha: float = 1.0, iters: int = 30, num_steps: int = 20) -> Tensor:
+    """The positive solution ``w`` [T] float64 of ``G w = w^(−1/α)`` (element-wise; Ban & Ji 2024,
+    FairGrad's α-fair allocation; ``α = 1`` is Nash-MTL's ``G w = 1/w``, :func:`nash_bargaining`).
+
+    It is the minimiser of the strictly convex ``f(w) = ½wᵀGw + Σ φ(w_i)`` with ``φ'(w) = −w^(−1/α)``
+    (``φ = −log w`` for ``α = 1``, ``−w^(1−1/α)/(1−1/α)`` otherwise). Each step takes the Newton step
+    ``Δ = −H⁻¹∇f`` (``H = G + diag(w^(−1/α−1)/α)``) relative to w, ``z = Δ/w`` (solved on the system
+    scaled by ``diag(w)``: the weights may differ by orders of magnitude), and moves multiplicatively,
+    ``w ← w·exp(t z)``: to first order the Newton step, and w stays positive. ``t`` starts at 1, or
+    at what changes no weight by more than a factor ``e^20``, and is halved (up to ``num_steps``
+    times) until f decreases enough (Armijo); the decrease is summed term by term (``expm1``), so it
+    is resolved even where f is dominated by other tasks' terms. Started from ``G_ii^(−α/(α+1))`` (the
+    solution for orthogonal gradients) scaled to the minimum of f along that ray. Solved on G divided
+    by its largest diagonal entry s, then scaled back (the solution for ``sG`` is ``s^(−α/(α+1))`` times
+    that for G). ``H`` is also the Jacobian of the residual ``Gw − w^(−1/α)`` whose squared norm the
+    authors minimise with scipy's ``least_squares``: where a solution exists, both find it.
+
+    A task with a zero gradient (``G_ii <= 1e-30 max_j G_jj``) has no equation to satisfy: it gets
+    weight 0 and the others are solved alone. A solution exists unless a non-negative combination of
+    the gradients vanishes (e.g. two opposite gradients): then f is unbounded below, and the residual
+    tends to 0 only as the weights of that combination grow without bound (no least-squares minimiser
+    either; scipy stops where the gradient of its cost falls below a tolerance). Here, once the
+    weighted gradients cancel, ``|Σ w_i g_i|² <= 1e-8 Σ w_i²|g_i|²`` (to 1e-4 of their norms, below
+    the precision of a float32 Gramian), the weights of the cancelling group (the tasks with
+    ``w_i²|g_i|² > 1e4 |Σ w_i g_i|²``) are held and the other tasks' equations are solved with them:
+    a finite point. Where the equations cannot be resolved in float64 (norms many orders of magnitude
+    apart with a small or large α) the ``iters`` steps also return a finite point.
+
+    On CPU the steps run in NumPy and stop once converged (a full step that changed no weight by more
+    than 1e-9 relatively: the next would be ~1e-18), or when no step size decreases f; elsewhere
+    ``iters`` steps run as tensor operations with every step size tried at once, and a stopped iterate
+    no longer moves (no host synchronisation). Same steps, same solution.
+    """
+    if not alpha > 0:
+        raise ValueError(f"fair_allocation: alpha must be > 0, got {alpha}")
+    alpha = float(alpha)
+    expo = -alpha / (alpha + 1.0)
+    if _host_visible(gram):
+        G = gram.detach().to(torch.float64).numpy()
+        G = 0.5 * (G + G.T)
+        s = float(G.diagonal().max())
+        s = s if s > 0 else 1.0
+        G = G / s
+        active = G.diagonal() > 1e-30
+        # Inactive tasks are decoupled with G_ii = 1 (w = w^(−1/α) gives 1), then zeroed.
+        G = np.where(active[:, None] & active[None, :], G, 0.0) + np.diag(np.where(active, 0.0, 1.0))
+        w = _fair_host(G, alpha, iters, num_steps)
+        return torch.from_numpy(np.where(active, w * s**expo, 0.0))
+    G = _sym64(gram)
+    s = G.diagonal().amax()
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    G = G / s
+    active = G.diagonal() > 1e-30
+    G = torch.where(active[:, None] & active[None, :], G, 0.0) + torch.diag(torch.where(active, 0.0, 1.0))
+    w = _fair_batched(G, alpha, iters, num_steps)
+    return torch.where(active, w * s.pow(expo), 0.0)
+
+
+# The start is G_ii^(−α/(α+1)) scaled to the minimum of f along that ray, t^(1+1/α) = Σ u_i^(1−1/α)/uᵀGu,
+# or not scaled where the ray is a vanishing combination (uᵀGu <= 1e-12 T). A step changes no weight by
+# more than a factor e^_FAIR_MAX_LOG_STEP. Where |Σ w_i g_i|² <= _FAIR_CANCEL Σ w_i²|g_i|², the tasks
+# with w_i²|g_i|² > _FAIR_GROUP |Σ w_i g_i|² form a cancelling group whose weights are held.
+_FAIR_FLAT = 1e-12
+_FAIR_MAX_LOG_STEP = 20.0
+_FAIR_CANCEL = 1e-8
+_FAIR_GROUP = 1e4
+
+
+def _fair_decrease_terms(w, wq, Gw, s, G, alpha: float, expm1, cat):
+    """The terms whose sum is ``f(w·exp(s)) − f(w)`` (last axis), for NumPy or torch: with
+    ``dw = w·expm1(s)``, ``dwᵀGw + ½dwᵀG dw`` and ``φ(w e^s) − φ(w)`` (``−s`` for α = 1, else
+    ``−w^q expm1(q s)/q``, ``q = 1 − 1/α``, ``wq = w^q``)."""
+    dw = w * expm1(s)
+    if alpha == 1.0:
+        dphi = -s
+    else:
+        q = 1.0 - 1.0 / alpha
+        dphi = -wq * expm1(q * s) / q
+    return cat([dw * Gw, 0.5 * dw * (dw @ G), dphi])
+
+
+def _fair_host(G: np.ndarray, alpha: float, iters: int, num_steps: int) -> np.ndarray:
+    """:func:`fair_allocation`'s steps in NumPy on ``G`` [T,T] (normalised, positive diagonal)."""
+    e = 1.0 / alpha
+    T = G.shape[0]
+    diag = np.diag_indices(T)
+    d = G.diagonal()
+    w = d ** (-alpha / (alpha + 1.0))
+    a = float(w @ G @ w)
+    if a > _FAIR_FLAT * T:
+        w = w * (float((w ** (1.0 - e)).sum()) / a) ** (alpha / (alpha + 1.0))
+    for _ in range(iters):
+        Gw = G @ w
+        p = w**-e
+        Hs = G * np.outer(w, w)
+        Hs[diag] += e * p * w  # diag(w) H diag(w)
+        wr = w * (Gw - p)
+        wgw, big = float(w @ Gw), d * w * w
+        if wgw <= _FAIR_CANCEL * float(big.sum()):  # a cancelling group: hold its weights
+            frozen = big > _FAIR_GROUP * wgw
+            Hs[frozen, :] = 0.0
+            Hs[:, frozen] = 0.0
+            Hs[frozen, frozen] = 1.0
+            wr = np.where(frozen, 0.0, wr)
+        try:
+            z = -np.linalg.solve(Hs, wr)  # the Newton step relative to w
+        except np.linalg.LinAlgError:
+            break  # an exactly singular system: the batched loop gets inf/nan and does not move
+        dec2 = -float(wr @ z)
+        if not dec2 > 0:
+            break  # converged (or a non-finite step): the batched loop does not move either
+        zmax = float(np.abs(z).max())
+        t = min(1.0, _FAIR_MAX_LOG_STEP / zmax)
+        wq = None if alpha == 1.0 else w ** (1.0 - e)
+        for _k in range(num_steps):
+            terms = _fair_decrease_terms(w, wq, Gw, t * z, G, alpha, np.expm1, np.concatenate)
+            if terms.sum() <= -1e-4 * t * dec2 + 1e-13 * np.abs(terms).sum():
+                break
+            t *= 0.5
+        else:
+            break  # no step size decreases f: the batched loop stays here too
+        w = w * np.exp(t * z)
+        if t == 1.0 and zmax <= 1e-9:
+            break
+    return w
+
+
+def _fair_batched(G: Tensor, alpha: float, iters: int, num_steps: int) -> Tensor:
+    """:func:`fair_allocation`'s steps as tensor operations: ``iters`` steps, every step size
+    evaluated at once, no value read back."""
+    e = 1.0 / alpha
+    T = G.shape[0]
+    halvings = 2.0 ** -torch.arange(num_steps, dtype=G.dtype, device=G.device)
+    eye = torch.eye(T, dtype=torch.bool, device=G.device)
+    d = G.diagonal()
+    w = d ** (-alpha / (alpha + 1.0))
+    a = w @ G @ w
+    flat = a <= _FAIR_FLAT * T
+    t = ((w ** (1.0 - e)).sum() / torch.where(flat, 1.0, a)) ** (alpha / (alpha + 1.0))
+    w = w * torch.where(flat, 1.0, t)
+    for _ in range(iters):
+        Gw = G @ w
+        p = w**-e
+        Hs = G * torch.outer(w, w) + torch.where(eye, torch.diag(e * p * w), 0.0)
+        wr = w * (Gw - p)
+        wgw, big = w @ Gw, d * w * w
+        frozen = (wgw <= _FAIR_CANCEL * big.sum()) & (big > _FAIR_GROUP * wgw)
+        Hs = torch.where(frozen[:, None] | frozen[None, :], eye.to(Hs.dtype), Hs)
+        wr = torch.where(frozen, 0.0, wr)
+        z = -torch.linalg.solve_ex(Hs, wr)[0]
+        dec2 = -(wr @ z)
+        zmax = z.abs().amax()
+        ts = (_FAIR_MAX_LOG_STEP / zmax.clamp_min(_TINY)).clamp(max=1.0) * halvings
+        S = ts[:, None] * z  # [K,T]
+        wq = None if alpha == 1.0 else w ** (1.0 - e)
+        terms = _fair_decrease_terms(w, wq, Gw, S, G, alpha, torch.expm1, lambda xs: torch.cat(xs, -1))
+        ok = terms.sum(-1) <= -1e-4 * ts * dec2 + 1e-13 * terms.abs().sum(-1)
+        ok = ok & (dec2 > 0)
+        k = ok.to(torch.int8).argmax().reshape(1)  # the first (longest) accepted step
+        w = torch.where(ok.any(), w * S.index_select(0, k)[0].exp(), w)
+    return w
