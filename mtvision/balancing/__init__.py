@@ -1,5 +1,7 @@
-"""Task balancing: loss weighting (EW, UW, DWA, GradNorm, RLW, FAMO) and gradient aggregation on the
-per-task gradient Gramian (PCGrad, MGDA, CAGrad, Nash-MTL, IMTL-G, Aligned-MTL, UPGrad).
+"""Task balancing: loss weighting (EW, UW, DWA, GradNorm, RLW, FAMO, GLS, STCH) and gradient methods on the
+per-task gradients (PCGrad, MGDA, CAGrad, Nash-MTL, IMTL-G, Aligned-MTL, UPGrad, ConFIG, DualProj, FairGrad,
+GradVac from their Gramian; DB-MTL, MoCo, ExcessMTL with per-task gradient state; GradDrop element-wise;
+SDMGrad and MoDo on three batches a step).
 
 Every method is registered in ``mtvision.registry.BALANCERS`` under its config name (``balancer.name``).
 ``build_balancer(name, num_tasks, **kw)`` gives the method: a :class:`LossWeighting` (an ``nn.Module``
@@ -13,6 +15,7 @@ from __future__ import annotations
 from ..registry import BALANCERS
 from .aggregators import (AlignedMTL, CAGrad, ConFIG, DualProj, FairGrad, GradientAggregator, GradVac, IMTLG,
                           MGDA, NashMTL, PCGrad, UPGrad)
+from .gradient_state import DBMTL, ExcessMTL, GradDrop, MoCo
 from .gradient_step import GradientBalancer, GradientCombination
 from .step import Balancer, BalanceResult, Forward, LossWeightingBalancer, build_task_balancer
 from .learned_weighting import FAMO, GradNorm
@@ -21,12 +24,11 @@ from .scalarization import GLS, STCH
 from .weighting import DWA, EW, RLW, UW, LossWeighting
 
 __all__ = [
-    "AGGREGATORS", "BALANCERS", "Balancer", "BalanceResult", "DWA", "EW", "FAMO", "Forward", "GradNorm",
-    "GradientAggregator", "GradientBalancer", "GradientCombination", "IMTLG", "LOSS_WEIGHTINGS",
-    "LossWeighting", "LossWeightingBalancer", "MGDA", "MoDo", "NashMTL", "PCGrad", "RLW", "UPGrad", "UW",
-    "AlignedMTL", "CAGrad", "SDMGrad", "build_balancer", "build_task_balancer", "is_gradient_method",
-    "GLS", "STCH",
-    "ConFIG", "DualProj", "FairGrad", "GradVac",
+    "AGGREGATORS", "BALANCERS", "AlignedMTL", "Balancer", "BalanceResult", "CAGrad", "ConFIG", "DBMTL",
+    "DWA", "DualProj", "EW", "ExcessMTL", "FAMO", "FairGrad", "Forward", "GLS", "GradDrop", "GradNorm",
+    "GradVac", "GradientAggregator", "GradientBalancer", "GradientCombination", "IMTLG", "LOSS_WEIGHTINGS",
+    "LossWeighting", "LossWeightingBalancer", "MGDA", "MoCo", "MoDo", "NashMTL", "PCGrad", "RLW", "SDMGrad",
+    "STCH", "UPGrad", "UW", "build_balancer", "build_task_balancer", "is_gradient_method",
 ]
 
 #: The built-in loss weightings and gradient methods by config name (views of ``BALANCERS`` at import).

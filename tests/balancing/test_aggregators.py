@@ -26,11 +26,12 @@ from mtvision.balancing.aggregators import (
     UPGrad,
 )
 
-#: The methods whose weights come from one batch's Gramian alone, as a weighted sum of the gradients
-#: (the others keep per-task gradients across steps, combine element-wise, or take several batches: their
-#: own test files cover them).
+#: The methods whose weights come from one batch's Gramian alone, as a weighted sum of the gradients,
+#: with no state across steps (the others keep state, combine element-wise, or take several batches:
+#: their own test files cover them).
 GRAMIAN_METHODS = sorted(n for n, c in AGGREGATORS.items()
-                         if c.batches_per_step == 1 and c.linear and c.prepare is GradientAggregator.prepare)
+                         if c.batches_per_step == 1 and c.linear and c.prepare is GradientAggregator.prepare
+                         and c.state_dict is GradientAggregator.state_dict)
 #: The methods solved with torch operations only: their weights could be computed on an accelerator
 #: without reading a value back (the training step solves every method on the host).
 DEVICE_SOLVABLE = ["alignedmtl", "cagrad", "imtl", "mgda", "nashmtl", "pcgrad", "upgrad"]
