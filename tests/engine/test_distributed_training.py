@@ -51,7 +51,8 @@ def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("method,det", [("ew", False), ("pcgrad", False), ("pcgrad", True)])
+# sdmgrad: three batches a step, each split over the processes
+@pytest.mark.parametrize("method,det", [("ew", False), ("pcgrad", False), ("pcgrad", True), ("sdmgrad", False)])
 def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, method, det):
     one = _config(tmp_path, "one", det)
     two = _config(tmp_path, "two", det)
