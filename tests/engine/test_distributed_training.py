@@ -51,13 +51,18 @@ def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
 
-# sdmgrad: three batches a step, each split over the processes
-@pytest.mark.parametrize("method,det", [("ew", False), ("pcgrad", False), ("pcgrad", True), ("sdmgrad", False)])
+# sdmgrad: three batches a step, each split over the processes; stch: a loss weighting with state that
+# passes its warm-up, nadir and Tchebycheff phases in the three steps
+@pytest.mark.parametrize("method,det", [("ew", False), ("pcgrad", False), ("pcgrad", True), ("sdmgrad", False),
+                                        ("stch", False)])
 def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, method, det):
     one = _config(tmp_path, "one", det)
     two = _config(tmp_path, "two", det)
-    _python("train.py", str(one), "--no-progress", f"balancer.name={method}")
-    out = _torchrun(2, "train.py", str(two), "--no-progress", f"balancer.name={method}")
+    over = [f"balancer.name={method}"]
+    if method == "stch":
+        over += ["balancer.kwargs.warmup_iters=1", "balancer.kwargs.nadir_iters=1"]
+    _python("train.py", str(one), "--no-progress", *over)
+    out = _torchrun(2, "train.py", str(two), "--no-progress", *over)
     assert out.stdout.count("work dir:") == 1  # rank 0 alone reports and writes
     a = _weights(tmp_path / "one" / "checkpoints" / "last.pth")
     b = _weights(tmp_path / "two" / "checkpoints" / "last.pth")
