@@ -34,6 +34,9 @@ void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::T
 // GradDrop's sign dropout of the T values of every coordinate (see the schema in mtvision.cpp) into out.
 void sign_dropout_sum_out_cpu(at::TensorList grads, at::TensorList draws, double leak, at::TensorList out);
 
+// sign_dropout_sum's leak must be in [0, 1].
+void check_leak(double leak);
+
 // Checks of sign_dropout_sum's draws (float32, one per coordinate of each chunk); returns them flat.
 std::vector<at::Tensor> flat_draws(const GradChunks& g, at::TensorList draws);
 

@@ -45,6 +45,10 @@ std::vector<at::Tensor> flat_outputs(const GradChunks& g, at::TensorList out) {
   return flat;
 }
 
+void check_leak(double leak) {
+  TORCH_CHECK(leak >= 0.0 && leak <= 1.0, "sign_dropout_sum: leak must be in [0, 1], got ", leak);
+}
+
 std::vector<at::Tensor> flat_draws(const GradChunks& g, at::TensorList draws) {
   TORCH_CHECK(draws.size() == g.chunks.size(), "sign_dropout_sum: ", draws.size(), " draw tensors for ",
               g.chunks.size(), " gradient chunks");

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu_memory.h"
+#include "sign_dropout.h"
 #include "cpu_simd.h"
 
 namespace mtvision {
@@ -138,13 +139,7 @@ MTV_SIMD_CLONES void tile_sign_dropout(const T* const* rows, const float* u, int
       }
     }
     const float* __restrict uu = u + j0;
-    for (int64_t j = 0; j < m; ++j) {
-      const acc_t mass = pos[j] - neg[j];
-      const acc_t purity = acc_t(0.5) * (acc_t(1) + (pos[j] + neg[j]) / (mass > 0 ? mass : acc_t(1)));
-      const acc_t draw = static_cast<acc_t>(uu[j]);
-      const acc_t kept = (purity > draw ? pos[j] : acc_t(0)) + (purity < draw ? neg[j] : acc_t(0));
-      out[j0 + j] = static_cast<T>(leak > 0 ? leak * (pos[j] + neg[j]) + keep * kept : kept);
-    }
+    for (int64_t j = 0; j < m; ++j) out[j0 + j] = static_cast<T>(sign_dropout_value(pos[j], neg[j], uu[j], leak, keep));
   }
 }
 
@@ -192,6 +187,21 @@ at::Tensor gram_matrix_cpu(at::TensorList grads) {
   return out;
 }
 
+// Calls fn(rows, item) for every work item in parallel, rows[t] pointing at task t's first column of it.
+template <typename scalar_t, typename Fn>
+void for_each_item(const GradChunks& g, const std::vector<Item>& items, Fn fn) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<const scalar_t*> rows(g.T);
+    for (int64_t i = begin; i < end; ++i) {
+      const Item& it = items[i];
+      const at::Tensor& chunk = g.chunks[it.chunk];
+      const int64_t n = chunk.size(1);
+      for (int64_t t = 0; t < g.T; ++t) rows[t] = chunk.data_ptr<scalar_t>() + t * n + it.begin;
+      fn(rows.data(), it);
+    }
+  });
+}
+
 void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::TensorList out_list) {
   const GradChunks g = check_grad_chunks(grads, "weighted_sum");
   check_weights(g, weights);
@@ -201,16 +211,9 @@ void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::T
   const std::vector<Item> items = make_items(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.chunks[0].scalar_type(), "weighted_sum_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-      std::vector<const scalar_t*> rows(g.T);
-      for (int64_t i = begin; i < end; ++i) {
-        const Item& it = items[i];
-        const at::Tensor& chunk = g.chunks[it.chunk];
-        const int64_t n = chunk.size(1);
-        for (int64_t t = 0; t < g.T; ++t) rows[t] = chunk.data_ptr<scalar_t>() + t * n + it.begin;
-        tile_weighted_sum(rows.data(), w.data_ptr<acc_t>(), g.T, it.end - it.begin,
-                          out[it.chunk].data_ptr<scalar_t>() + it.begin);
-      }
+    for_each_item<scalar_t>(g, items, [&](const scalar_t* const* rows, const Item& it) {
+      tile_weighted_sum(rows, w.data_ptr<acc_t>(), g.T, it.end - it.begin,
+                        out[it.chunk].data_ptr<scalar_t>() + it.begin);
     });
   });
 }
@@ -218,23 +221,16 @@ void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::T
 void sign_dropout_sum_out_cpu(at::TensorList grads, at::TensorList draws_list, double leak,
                               at::TensorList out_list) {
   const GradChunks g = check_grad_chunks(grads, "sign_dropout_sum");
-  TORCH_CHECK(leak >= 0.0 && leak <= 1.0, "sign_dropout_sum: leak must be in [0, 1], got ", leak);
+  check_leak(leak);
   const std::vector<at::Tensor> draws = flat_draws(g, draws_list);
   const std::vector<at::Tensor> out = flat_outputs(g, out_list);
   const std::vector<Item> items = make_items(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.chunks[0].scalar_type(), "sign_dropout_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-      std::vector<const scalar_t*> rows(g.T);
-      for (int64_t i = begin; i < end; ++i) {
-        const Item& it = items[i];
-        const at::Tensor& chunk = g.chunks[it.chunk];
-        const int64_t n = chunk.size(1);
-        for (int64_t t = 0; t < g.T; ++t) rows[t] = chunk.data_ptr<scalar_t>() + t * n + it.begin;
-        tile_sign_dropout(rows.data(), draws[it.chunk].data_ptr<float>() + it.begin, g.T, it.end - it.begin,
-                          static_cast<acc_t>(leak), static_cast<acc_t>(1.0 - leak),
-                          out[it.chunk].data_ptr<scalar_t>() + it.begin);
-      }
+    for_each_item<scalar_t>(g, items, [&](const scalar_t* const* rows, const Item& it) {
+      tile_sign_dropout(rows, draws[it.chunk].data_ptr<float>() + it.begin, g.T, it.end - it.begin,
+                        static_cast<acc_t>(leak), static_cast<acc_t>(1.0 - leak),
+                        out[it.chunk].data_ptr<scalar_t>() + it.begin);
     });
   });
 }

@@ -5,6 +5,7 @@
 #include "gram.h"
 
 #include "acc_type.h"
+#include "sign_dropout.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -143,11 +144,7 @@ __global__ void __launch_bounds__(kThreads) sign_dropout_kernel(const ChunkDesc*
       pos += v > 0 ? v : acc_t(0);
       neg += v < 0 ? v : acc_t(0);
     }
-    const acc_t mass = pos - neg;
-    const acc_t purity = acc_t(0.5) * (acc_t(1) + (pos + neg) / (mass > 0 ? mass : acc_t(1)));
-    const acc_t draw = static_cast<acc_t>(u[j]);
-    const acc_t kept = (purity > draw ? pos : acc_t(0)) + (purity < draw ? neg : acc_t(0));
-    dst[j] = static_cast<T>(leak > 0 ? leak * (pos + neg) + keep * kept : kept);
+    dst[j] = static_cast<T>(sign_dropout_value(pos, neg, u[j], leak, keep));
   }
 }
 
@@ -225,7 +222,7 @@ void weighted_sum_out_cuda(at::TensorList grads, const at::Tensor& weights, at::
 void sign_dropout_sum_out_cuda(at::TensorList grads, at::TensorList draws_list, double leak,
                                at::TensorList out_list) {
   const GradChunks g = check_grad_chunks(grads, "sign_dropout_sum");
-  TORCH_CHECK(leak >= 0.0 && leak <= 1.0, "sign_dropout_sum: leak must be in [0, 1], got ", leak);
+  check_leak(leak);
   const std::vector<at::Tensor> draws = flat_draws(g, draws_list);
   const std::vector<at::Tensor> out = flat_outputs(g, out_list);
   const at::Tensor& first = g.chunks[0];

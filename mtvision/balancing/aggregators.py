@@ -428,8 +428,52 @@ class AlignedMTL(GradientAggregator):
         return _out(self.transform(gram).sum(1), gram)
 
 
+class _DualConeProjection(GradientAggregator):
+    """Shared by UPGrad and DualProj (torchjd's conventions): a preference vector ``p`` (default 1/T), the
+    Gramian divided by its trace (taken as 0 below ``norm_eps``), ``reg_eps·I`` added, and projections
+    ``argmin_{v >= u} vᵀGv`` of the rows ``u`` of :meth:`targets`."""
+
+    def __init__(self, pref_vector: Sequence[float] | Tensor | None = None, norm_eps: float = 1e-4,
+                 reg_eps: float = 1e-4, max_iter: int | None = None):
+        name = type(self).__name__
+        if norm_eps < 0 or reg_eps < 0:
+            raise ValueError(f"{name}: norm_eps and reg_eps must be >= 0, got {norm_eps}, {reg_eps}")
+        self.pref_vector = None if pref_vector is None else [
+            float(x) for x in torch.as_tensor(pref_vector, dtype=torch.float64).reshape(-1)]
+        self.norm_eps = float(norm_eps)
+        self.reg_eps = float(reg_eps)
+        self.max_iter = max_iter
+
+    def targets(self, p: Tensor) -> Tensor:
+        """The rows to project, ``[R, T]``, from the preference ``p`` [T]."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        T = _check_gram(gram)
+        G = _gram64(gram)
+        if self.pref_vector is None:
+            p = torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)
+        else:
+            if len(self.pref_vector) != T:
+                raise ValueError(f"{type(self).__name__}: pref_vector has {len(self.pref_vector)} entries "
+                                 f"for {T} tasks")
+            p = torch.tensor(self.pref_vector, dtype=G.dtype).to(G.device, non_blocking=True)
+        tr = G.diagonal().sum()
+        G = torch.where(tr >= self.norm_eps, G / torch.where(tr > 0, tr, 1.0), 0.0)
+        G = G + self.reg_eps * torch.eye(T, dtype=G.dtype, device=G.device)
+        # Solved for y = D v with D = diag(sqrt(G_ii)) (the same problem on the unit-diagonal D⁻¹GD⁻¹):
+        # the active-set tolerances are relative to the largest diagonal entry, and gradient norms can
+        # differ by orders of magnitude.
+        d = G.diagonal().clamp_min(0).sqrt()
+        d = torch.where(d > 0, d, 1.0)
+        y = solvers.dual_cone_weights(G / (d[:, None] * d[None, :]), self.targets(p) * d,
+                                      max_iter=self.max_iter)
+        return _out(y.sum(0) / d, gram)
+
+
 @BALANCERS.register("upgrad")
-class UPGrad(GradientAggregator):
+class UPGrad(_DualConeProjection):
     """UPGrad (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization").
 
     Each ``p_i g_i`` is projected onto the dual cone ``{x : g_t·x >= 0 ∀t}`` of the task gradients and
@@ -445,31 +489,8 @@ class UPGrad(GradientAggregator):
     non-negative inner product with every task gradient. With the default it is ``>= −reg_eps·tr(G)·w``.
     """
 
-    def __init__(self, pref_vector: Sequence[float] | Tensor | None = None, norm_eps: float = 1e-4,
-                 reg_eps: float = 1e-4, max_iter: int | None = None):
-        if norm_eps < 0 or reg_eps < 0:
-            raise ValueError(f"UPGrad: norm_eps and reg_eps must be >= 0, got {norm_eps}, {reg_eps}")
-        self.pref_vector = None if pref_vector is None else [float(x) for x in
-                                                              torch.as_tensor(pref_vector).reshape(-1)]
-        self.norm_eps = float(norm_eps)
-        self.reg_eps = float(reg_eps)
-        self.max_iter = max_iter
-
-    @torch.no_grad()
-    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        T = _check_gram(gram)
-        G = _gram64(gram)
-        if self.pref_vector is None:
-            p = torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)
-        else:
-            if len(self.pref_vector) != T:
-                raise ValueError(f"UPGrad: pref_vector has {len(self.pref_vector)} entries for {T} tasks")
-            p = torch.tensor(self.pref_vector, dtype=G.dtype).to(G.device, non_blocking=True)
-        tr = G.diagonal().sum()
-        G = torch.where(tr >= self.norm_eps, G / torch.where(tr > 0, tr, 1.0), 0.0)
-        G = G + self.reg_eps * torch.eye(T, dtype=G.dtype, device=G.device)
-        V = solvers.dual_cone_weights(G, torch.diag(p), max_iter=self.max_iter)
-        return _out(V.sum(0), gram)
+    def targets(self, p: Tensor) -> Tensor:
+        return torch.diag(p)  # every p_i g_i projected on its own
 
 
 @BALANCERS.register("config")
@@ -520,7 +541,7 @@ class ConFIG(GradientAggregator):
 
 
 @BALANCERS.register("dualproj")
-class DualProj(GradientAggregator):
+class DualProj(_DualConeProjection):
     """DualProj (torchjd's ``DualProj``, Quinton & Rey 2024; the projection of Lopez-Paz & Ranzato
     2017, GEM, Eq. 11): the preference-weighted combination of the task gradients (default the mean,
     ``p = 1/T``) projected onto the dual cone ``{x : g_t·x >= 0 ∀t}``, i.e. ``Jᵀv`` with
@@ -537,36 +558,8 @@ class DualProj(GradientAggregator):
     same problem, so that gradients whose norms differ by orders of magnitude keep exact constraints.
     """
 
-    def __init__(self, pref_vector: Sequence[float] | Tensor | None = None, norm_eps: float = 1e-4,
-                 reg_eps: float = 1e-4, max_iter: int | None = None):
-        if norm_eps < 0 or reg_eps < 0:
-            raise ValueError(f"DualProj: norm_eps and reg_eps must be >= 0, got {norm_eps}, {reg_eps}")
-        self.pref_vector = None if pref_vector is None else [
-            float(x) for x in torch.as_tensor(pref_vector, dtype=torch.float64).reshape(-1)]
-        self.norm_eps = float(norm_eps)
-        self.reg_eps = float(reg_eps)
-        self.max_iter = max_iter
-
-    @torch.no_grad()
-    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        T = _check_gram(gram)
-        G = _gram64(gram)
-        if self.pref_vector is None:
-            p = torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)
-        else:
-            if len(self.pref_vector) != T:
-                raise ValueError(f"DualProj: pref_vector has {len(self.pref_vector)} entries for {T} tasks")
-            p = torch.tensor(self.pref_vector, dtype=G.dtype).to(G.device, non_blocking=True)
-        tr = G.diagonal().sum()
-        G = torch.where(tr >= self.norm_eps, G / torch.where(tr > 0, tr, 1.0), 0.0)
-        G = G + self.reg_eps * torch.eye(T, dtype=G.dtype, device=G.device)
-        # Solved for y = D v with D = diag(sqrt(G_ii)) (the same problem on the unit-diagonal
-        # D⁻¹GD⁻¹): the active-set tolerances are relative to the largest diagonal entry, and gradient
-        # norms can differ by orders of magnitude.
-        d = G.diagonal().clamp_min(0).sqrt()
-        d = torch.where(d > 0, d, 1.0)
-        y = solvers.dual_cone_weights(G / (d[:, None] * d[None, :]), (d * p)[None, :], max_iter=self.max_iter)
-        return _out(y[0] / d, gram)
+    def targets(self, p: Tensor) -> Tensor:
+        return p[None, :]  # their sum projected once
 
 
 @BALANCERS.register("fairgrad")
