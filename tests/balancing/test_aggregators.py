@@ -12,7 +12,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtvision.balancing import AGGREGATORS, solvers
 from mtvision.balancing.aggregators import (
@@ -25,6 +24,8 @@ from mtvision.balancing.aggregators import (
     PCGrad,
     UPGrad,
 )
+
+from .helpers import NoHostRead
 
 #: The methods whose weights come from one batch's Gramian alone, as a weighted sum of the gradients,
 #: with no state across steps (the others keep state, combine element-wise, or take several batches:
@@ -217,14 +218,6 @@ def test_fixed_budget_equals_early_exit(kind, T, monkeypatch):
         assert torch.allclose(full, early[n], rtol=1e-7, atol=1e-9), n
 
 
-class _NoHostRead(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-                    torch.ops.aten.is_nonzero.default):
-            raise AssertionError(f"host read of a tensor value: {func}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("name", DEVICE_SOLVABLE)
 def test_weights_read_no_value_back_to_the_host(name, monkeypatch):
     """With the CPU-only early exits off (as on CUDA), nothing reads a tensor value (.item(),
@@ -236,7 +229,7 @@ def test_weights_read_no_value_back_to_the_host(name, monkeypatch):
                 "upgrad": [{}, {"pref_vector": [0.1, 0.2, 0.3, 0.4]}]}.get(name, [{}])
     for kw in variants:
         agg = AGGREGATORS[name](**kw)
-        with _NoHostRead():
+        with NoHostRead():
             agg.weights(G, torch.Generator().manual_seed(0))
 
 

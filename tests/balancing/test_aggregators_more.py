@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import least_squares, nnls
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtvision.balancing import (
     AGGREGATORS,
@@ -30,6 +29,8 @@ from mtvision.balancing import (
     build_balancer,
     solvers,
 )
+
+from .helpers import NoHostRead
 
 KINDS = ("random", "conflicting", "identical", "duplicated", "zero", "opposed", "scales")
 SIZES = (2, 3, 5, 10)
@@ -515,20 +516,12 @@ def test_constructor_arguments_are_checked():
         solvers.fair_allocation(torch.eye(2), alpha=-1.0)
 
 
-class _NoHostRead(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-                    torch.ops.aten.is_nonzero.default):
-            raise AssertionError(f"host read of a tensor value: {func}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("name", NEW)
 def test_accelerator_path_reads_no_value_back(name, monkeypatch):
     """As on CUDA (CPU shortcuts off): no .item(), no bool(tensor)."""
     monkeypatch.setattr(solvers, "_host_visible", lambda t: False)
     G = gram(make_jacobian("conflicting", 4))
     agg = AGGREGATORS[name]()
-    with _NoHostRead():
+    with NoHostRead():
         for _ in range(2):
             agg.weights(G, torch.Generator().manual_seed(0))
