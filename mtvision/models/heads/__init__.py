@@ -22,7 +22,7 @@ from .deeplab import (
     DeepLabNormalHead,
     DeepLabSegmentationHead,
 )
-from .detection import FCOSHead, decode_detections, split_detection_output
+from .detection import FCOSHead, decode_detections, detection_scores_and_boxes, split_detection_output
 
 __all__ = [
     "ASPP",
@@ -35,6 +35,7 @@ __all__ = [
     "DenseHead",
     "FCOSHead",
     "decode_detections",
+    "detection_scores_and_boxes",
     "split_detection_output",
     "DepthHead",
     "NormalHead",

@@ -29,7 +29,8 @@ from torchvision.ops import batched_nms
 from ...registry import HEADS
 from .common import ConvGNReLU, _check_levels
 
-__all__ = ["FCOSHead", "DETECTION_EXTRA_COLUMNS", "decode_detections", "split_detection_output"]
+__all__ = ["FCOSHead", "DETECTION_EXTRA_COLUMNS", "decode_detections", "detection_scores_and_boxes",
+           "split_detection_output"]
 
 #: Columns after the class logits: 4 distances, centerness, point x, point y, stride.
 DETECTION_EXTRA_COLUMNS = 8
@@ -154,6 +155,21 @@ class FCOSHead(nn.Module):
                                  self.max_detections)
 
 
+def detection_scores_and_boxes(output: Tensor, image_size: Optional[Sequence[int]] = None
+                               ) -> tuple[Tensor, Tensor]:
+    """FCOS output ``[B, A, C + 8]`` -> ``(scores [B, A, C], boxes [B, A, 4])``: the ranking score
+    ``sqrt(sigmoid(class logit) * sigmoid(centerness))`` of every (point, class) and every point's box
+    (xyxy pixels: the point -/+ its distances), clipped to ``image_size = (H, W)`` when given. Float32."""
+    logits, dist, ctr, points, _ = split_detection_output(output.float())
+    scores = torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(ctr).unsqueeze(-1))
+    boxes = torch.cat([points - dist[..., :2], points + dist[..., 2:]], dim=-1)
+    if image_size is not None:
+        h, w = image_size[0], image_size[1]
+        boxes = torch.stack([boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h),
+                             boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)], dim=-1)
+    return scores, boxes
+
+
 def decode_detections(output: Tensor, image_size: Optional[Sequence[int]] = None,
                       score_threshold: float = 0.05, nms_threshold: float = 0.6, max_detections: int = 100,
                       pre_nms_top_k: int = 1000) -> list[dict[str, Tensor]]:
@@ -162,10 +178,12 @@ def decode_detections(output: Tensor, image_size: Optional[Sequence[int]] = None
     Score = ``sqrt(sigmoid(class logit) * sigmoid(centerness))`` (FCOS's ranking score); the
     ``pre_nms_top_k`` best (point, class) pairs above ``score_threshold`` are kept, their boxes clipped
     to ``image_size = (H, W)`` when given, then class-wise NMS at ``nms_threshold`` IoU and the
-    ``max_detections`` best by score."""
-    logits, dist, ctr, points, _ = split_detection_output(output.float())
-    C = logits.shape[-1]
-    scores_all = torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(ctr).unsqueeze(-1))
+    ``max_detections`` best by score. (:func:`mtvision.inference.decode_detections_fixed` is the same
+    decoding with fixed-size outputs, as an exported graph computes it.)"""
+    if image_size is not None:
+        image_size = (float(image_size[0]), float(image_size[1]))
+    scores_all, boxes_all = detection_scores_and_boxes(output, image_size)
+    C = scores_all.shape[-1]
     results = []
     for b in range(output.shape[0]):
         scores = scores_all[b].flatten()
@@ -173,12 +191,7 @@ def decode_detections(output: Tensor, image_size: Optional[Sequence[int]] = None
         if keep.numel() > pre_nms_top_k:
             keep = keep[scores[keep].topk(pre_nms_top_k).indices]
         point_idx, labels = keep // C, keep % C
-        p, d = points[b, point_idx], dist[b, point_idx]
-        boxes = torch.cat([p - d[:, :2], p + d[:, 2:]], dim=1)
-        if image_size is not None:
-            h, w = float(image_size[0]), float(image_size[1])
-            boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                                 boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
+        boxes = boxes_all[b, point_idx]
         s = scores[keep]
         kept = batched_nms(boxes, s, labels, nms_threshold)[:max_detections]
         results.append({"boxes": boxes[kept], "scores": s[kept], "labels": labels[kept]})
