@@ -61,14 +61,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, optional: bool = False
                         help="config overrides, value parsed as YAML (e.g. train.max_iters=100)")
 
 
-def checkpoint_tool_parser(doc: str, out_help: Optional[str] = None) -> argparse.ArgumentParser:
+def checkpoint_tool_parser(doc: str, out_help: Optional[str] = None,
+                           checkpoint_required: bool = True) -> argparse.ArgumentParser:
     """The parser of a tool that reads a trained checkpoint: its docstring as description, an optional
-    ``CONFIG``, the ``key=value`` overrides, ``--checkpoint`` and, with ``out_help``, a required ``--out``;
-    the epilog says how the config is put together (:data:`CHECKPOINT_CONFIG_HELP`)."""
+    ``CONFIG``, the ``key=value`` overrides, ``--checkpoint`` (required unless ``checkpoint_required`` is
+    False) and, with ``out_help``, a required ``--out``; the epilog says how the config is put together
+    (:data:`CHECKPOINT_CONFIG_HELP`)."""
     parser = argparse.ArgumentParser(description=doc, epilog=CHECKPOINT_CONFIG_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, optional=True)
-    parser.add_argument("--checkpoint", required=True, help="a .pth written by tools/train.py")
+    parser.add_argument("--checkpoint", required=checkpoint_required, help="a .pth written by tools/train.py")
     if out_help is not None:
         parser.add_argument("--out", required=True, help=out_help)
     return parser

@@ -174,7 +174,10 @@ class Predictor:
 
         meta = read_onnx_metadata(self.checkpoint)
         if "tasks" not in meta:
-            raise ValueError(f"{self.checkpoint}: no mtvision metadata (not written by tools/export_onnx.py)")
+            from ..engine.checkpoint import CheckpointError
+
+            raise CheckpointError(f"{self.checkpoint}: no mtvision metadata (a file tools/export_onnx.py did "
+                                  f"not write)")
         self.cfg = None
         self.backend = "onnxruntime"
         self.tasks = list(meta["tasks"])
@@ -198,8 +201,10 @@ class Predictor:
             self.num_classes = int(meta.get("num_classes") or (len(names) if names else 2**31 - 1))
             self.batch_size = 8
         if not meta.get("dynamic_size", False) and list(self.size) != list(meta.get("image_size", self.size)):
-            raise ValueError(f"{self.checkpoint}: the file takes {meta['image_size']} images, the config's "
-                             f"data.size is {list(self.size)} (export with --dynamic-size)")
+            from ..config import ConfigError
+
+            raise ConfigError(f"data.size: {self.checkpoint} takes {meta['image_size']} images, the config "
+                              f"says {list(self.size)} (export with --dynamic-size)")
         import onnxruntime as ort
 
         if providers is None:
