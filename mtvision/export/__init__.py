@@ -7,9 +7,10 @@ from .onnx import (
     check_onnx,
     export_onnx,
     onnx_outputs,
+    onnx_session,
     read_onnx_metadata,
     size_multiple,
 )
 
 __all__ = ["INPUT_NAME", "ExportError", "InferenceGraph", "check_onnx", "export_onnx", "onnx_outputs",
-           "read_onnx_metadata", "size_multiple"]
+           "onnx_session", "read_onnx_metadata", "size_multiple"]
