@@ -1,7 +1,7 @@
 """Speed of mtvision's custom ops against their eager PyTorch baselines, measured in the same run.
 
     python tools/benchmark.py [--device cpu|cuda|all] [--repeats 15] [--json FILE]
-                              [--only loss|aggregation|solve|step|switches|data]
+                              [--only loss|aggregation|solve|step|switches|data|inference]
 
 Each row: median wall time of forward+backward over `--repeats` runs after warm-up, the ratio
 eager/fused, and the peak extra memory of one forward+backward (CPU: peak RSS growth, measured in a
@@ -15,6 +15,11 @@ what a step costs, as on a GPU bound by kernel launches, so that regime is measu
 The solve rows time each gradient method's T x T solve on the host.
 The switch rows time one training step per precision / memory-format / compile setting as a ratio to
 fp32. The data rows time NYUv2-size samples per second through the dataset path in one process (one worker).
+The inference rows time the synthetic 3-task ResNet-18 model's forward pass (no gradient) at the NYUv2
+and Cityscapes input sizes, batch 1 and 8, in PyTorch eager, torch.compile'd (its compilation time in
+`compile_s`) and exported to ONNX and run with onnxruntime (every execution provider of `--device` that
+the installed onnxruntime has: CPU; CUDA and TensorRT on a GPU): images per second and the latency
+percentiles of one batch.
 """
 
 from __future__ import annotations
@@ -595,10 +600,92 @@ def bench_data(repeats):
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# Inference: the synthetic 3-task ResNet-18 (mtl_resnet18.yaml's model, random weights) at the LibMTL
+# NYUv2 and Cityscapes input sizes.
+
+INFERENCE_SHAPES = [("nyuv2", 288, 384), ("cityscapes", 256, 512)]
+INFERENCE_BATCHES = (1, 8)
+# onnxruntime execution providers tried per --device, in this order (those the installed package has)
+ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+                 "cuda": ["CUDAExecutionProvider", "TensorrtExecutionProvider"]}
+
+
+def latency_row(run, device, repeats, batch, warmup=2):
+    """Images per second (batch / median latency) and the latency percentiles of ``run()``, one batch."""
+    import numpy as np
+
+    for _ in range(warmup):
+        run()
+    sync(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    p50, p90, p99 = (1e3 * float(v) for v in np.percentile(times, [50, 90, 99]))
+    return {"images_per_s": batch / (p50 / 1e3), "p50_ms": p50, "p90_ms": p90, "p99_ms": p99}
+
+
+def bench_inference(device, repeats):
+    import tempfile
+
+    import onnxruntime as ort
+
+    from mtvision.config import load_config
+    from mtvision.config.validation import config_to_dict
+    from mtvision.export import INPUT_NAME, export_onnx, onnx_session
+    from mtvision.models import build_model
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs/synthetic/mtl_resnet18.yaml"))
+    torch.manual_seed(0)
+    model = build_model(config_to_dict(cfg.model)).eval()
+    providers = [p for p in ORT_PROVIDERS[device] if p in ort.get_available_providers()]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # one file for every shape: dynamic batch and size
+        path = export_onnx(model, os.path.join(tmp, "model.onnx"), INFERENCE_SHAPES[0][1:], dynamic_size=True)
+        sessions = {}
+        for provider in providers:
+            try:
+                sessions[provider] = onnx_session(path, [provider], threads=torch.get_num_threads())
+            except Exception as e:  # noqa: BLE001 - a provider the machine cannot run: say so, go on
+                print(f"onnxruntime {provider}: cannot start ({type(e).__name__}: {e})")
+        model = model.to(device)
+        compiled = torch.compile(model, dynamic=False)  # specialised to each shape, as deployed
+        for name, H, W in INFERENCE_SHAPES:
+            for B in INFERENCE_BATCHES:
+                x = torch.randn(B, 3, H, W, generator=torch.Generator().manual_seed(0))
+                xd, feed = x.to(device), {INPUT_NAME: x.numpy()}
+                shape = f"{name} B{B} {H}x{W}"
+
+                def forward(fn=model):
+                    with torch.no_grad():
+                        return fn(xd)
+
+                rows.append({"op": "inference, PyTorch eager", "shape": shape, "device": device,
+                             **latency_row(forward, device, repeats, B)})
+                t0 = time.perf_counter()
+                forward(compiled)  # compiles for this shape
+                sync(device)
+                compile_s = time.perf_counter() - t0
+                rows.append({"op": "inference, torch.compile", "shape": shape, "device": device,
+                             **latency_row(lambda: forward(compiled), device, repeats, B),
+                             "compile_s": compile_s})
+                for provider, session in sessions.items():
+                    rows.append({"op": f"inference, onnxruntime {provider.replace('ExecutionProvider', '')}",
+                                 "shape": shape, "device": device,
+                                 **latency_row(lambda s=session: s.run(None, feed), "cpu", repeats, B)})
+    return rows
+
+
 def print_table(rows):
     cols = ["op", "shape", "device", "eager_ms", "fused_ms", "speedup", "host_ms", "step_ms", "ratio_to_ew",
             "ratio_to_floor", "limit", "within", "step_ops", "floor_ops", "sequential_ms", "batched_ms",
             "batched_over_sequential", "ratio_to_fp32", "ms_per_sample", "cpu_ms_per_sample", "samples_per_s",
+            "images_per_s", "p50_ms", "p90_ms", "p99_ms", "compile_s",
             "eager_gpu_ms", "fused_gpu_ms",
             "floor_ms", "eager_peak_extra_MB", "fused_peak_extra_MB", "grad_buffer_MB", "rel_diff"]
     cols = [c for c in cols if any(c in r for r in rows)]
@@ -617,8 +704,8 @@ def main(argv=None):
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--only", choices=["loss", "aggregation", "solve", "step", "switches", "data"],
-                        help="run one group of rows")
+    parser.add_argument("--only", choices=["loss", "aggregation", "solve", "step", "switches", "data",
+                                           "inference"], help="run one group of rows")
     parser.add_argument("--methods", nargs="+", metavar="NAME:LEVEL",
                         help="step rows of these methods only (e.g. dbmtl:param graddrop:rep gls:loss)")
     parser.add_argument("--_memory-probe", nargs=5, help=argparse.SUPPRESS)
@@ -644,6 +731,8 @@ def main(argv=None):
             rows += bench_training_step(device, args.repeats, args.methods)
         if args.only in (None, "switches"):
             rows += bench_switches(device, args.repeats)
+        if args.only in (None, "inference"):
+            rows += bench_inference(device, args.repeats)
     if args.only in (None, "solve"):  # host work, whatever --device says
         rows += bench_solve(args.repeats)
     if args.only in (None, "data"):  # CPU work, whatever --device says
