@@ -4,6 +4,7 @@ a checkpoint that stores its config, for the Predictor, predict-tool and ONNX po
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import cv2
@@ -69,3 +70,12 @@ def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, size=(max(2, h // 12), max(2, w // 12), 3)).astype(np.uint8)
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module (its ``main(argv)`` returns the exit status)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"mtv_tool_{name}_inference_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

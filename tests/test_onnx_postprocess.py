@@ -4,9 +4,6 @@ with onnxruntime alone and give what the checkpoint gives; --fp16."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ from mtvision.models.heads import decode_detections
 
 from .predictor_helpers import (  # noqa: F401 - one_torch_thread: autouse fixture
     SIZE,
+    load_tool,
     one_torch_thread,
     smooth_image,
     tiny_det_config,
@@ -26,15 +24,7 @@ from .predictor_helpers import (  # noqa: F401 - one_torch_thread: autouse fixtu
     write_checkpoint,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ["seg_labels", "depth", "normal", "det_boxes", "det_scores", "det_labels", "det_count"]
-
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(f"mtv_tool_{name}_pp", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +34,8 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("onnx_pp")
     ckpt = write_checkpoint(tmp / "model.pth", keep_ratio=True)
     post = tmp / "post.onnx"
-    assert tool("export_onnx").main(["--checkpoint", str(ckpt), "--out", str(post), "--postprocess"]) == 0
+    argv = ["--checkpoint", str(ckpt), "--out", str(post), "--postprocess"]
+    assert load_tool("export_onnx").main(argv) == 0
     cfg = tiny_det_config(keep_ratio=True)
     plain = export_onnx(tiny_det_model(cfg), tmp / "plain.onnx", SIZE,
                         extra_metadata={"keep_ratio": True, "num_classes": 6})
@@ -143,7 +134,7 @@ def test_predict_tool_with_onnx_writes_the_same_files(files, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     cv2.imwrite(str(folder / "a.png"), smooth_image(97, 131, 7)[..., ::-1])
-    predict = tool("predict")
+    predict = load_tool("predict")
     assert predict.main(["--onnx", str(post), "--input", str(folder), "--out", str(tmp_path / "o"),
                          "--no-progress"]) == 0
     assert predict.main(["--checkpoint", str(ckpt), "--input", str(folder), "--out", str(tmp_path / "t"),
@@ -159,7 +150,7 @@ def test_predict_tool_with_onnx_writes_the_same_files(files, tmp_path):
 @pytest.mark.slow
 def test_fp16_and_dynamic_size_files(files, tmp_path):
     _, ckpt, _, _ = files
-    export = tool("export_onnx")
+    export = load_tool("export_onnx")
     half = tmp_path / "half.onnx"
     assert export.main(["--checkpoint", str(ckpt), "--out", str(half), "--postprocess", "--fp16",
                         "--raw-input"]) == 0

@@ -3,9 +3,7 @@ image in the documented encodings, a bad image reported and skipped; the validat
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,16 +13,11 @@ from mtvision.data.dense_io import read_depth, read_normal
 from mtvision.inference import Predictor
 from mtvision.inference.writers import depth_to_png
 
-from .predictor_helpers import one_torch_thread, smooth_image, write_checkpoint  # noqa: F401
-
-ROOT = Path(__file__).resolve().parents[1]
+from .predictor_helpers import load_tool, one_torch_thread, smooth_image, write_checkpoint  # noqa: F401
 
 
 def predict_tool():
-    spec = importlib.util.spec_from_file_location("mtv_tool_predict_inputs", ROOT / "tools" / "predict.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("predict")
 
 
 @pytest.fixture(scope="module")
