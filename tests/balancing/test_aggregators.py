@@ -25,6 +25,7 @@ from mtvision.balancing.aggregators import (
     UPGrad,
 )
 
+from . import helpers
 from .helpers import NoHostRead
 
 #: The methods whose weights come from one batch's Gramian alone, as a weighted sum of the gradients,
@@ -42,19 +43,8 @@ SIZES = (2, 3, 5, 10)
 
 
 def make_jacobian(kind: str, T: int, P: int = 40, seed: int = 0) -> torch.Tensor:
-    """[T,P] float64 task gradients of a given structure."""
-    rng = np.random.default_rng(seed + 1000 * T + 7 * KINDS.index(kind))
-    J = rng.standard_normal((T, P)) * rng.uniform(0.1, 10.0, size=(T, 1))
-    if kind == "conflicting":  # every other task roughly opposes the previous one
-        for i in range(1, T, 2):
-            J[i] = -rng.uniform(0.5, 2.0) * J[i - 1] + 0.3 * rng.standard_normal(P)
-    elif kind == "aligned":
-        J = 3.0 * rng.standard_normal(P) + 0.2 * J / np.linalg.norm(J, axis=1, keepdims=True)
-    elif kind == "duplicated":
-        J[T - 1] = J[0]
-    elif kind == "zero":
-        J[T // 2] = 0.0
-    return torch.tensor(J, dtype=torch.float64)
+    """[T,P] float64 task gradients of a given structure (``helpers.make_jacobian``)."""
+    return helpers.make_jacobian(kind, T, P, seed, kinds=KINDS)
 
 
 def gram(J: torch.Tensor) -> torch.Tensor:

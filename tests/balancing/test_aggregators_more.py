@@ -30,6 +30,7 @@ from mtvision.balancing import (
     solvers,
 )
 
+from . import helpers
 from .helpers import NoHostRead
 
 KINDS = ("random", "conflicting", "identical", "duplicated", "zero", "opposed", "scales")
@@ -38,23 +39,8 @@ NEW = ("config", "dualproj", "fairgrad", "gradvac")
 
 
 def make_jacobian(kind: str, T: int, P: int = 40, seed: int = 0) -> torch.Tensor:
-    """[T,P] float64 task gradients of a given structure."""
-    rng = np.random.default_rng(seed + 1000 * T + 7 * KINDS.index(kind))
-    J = rng.standard_normal((T, P)) * rng.uniform(0.1, 10.0, size=(T, 1))
-    if kind == "conflicting":  # every other task roughly opposes the previous one
-        for i in range(1, T, 2):
-            J[i] = -rng.uniform(0.5, 2.0) * J[i - 1] + 0.3 * rng.standard_normal(P)
-    elif kind == "identical":
-        J[:] = J[0]
-    elif kind == "duplicated":
-        J[T - 1] = J[0]
-    elif kind == "zero":
-        J[T // 2] = 0.0
-    elif kind == "opposed":  # exactly opposed pair, different norms
-        J[1] = -2.5 * J[0]
-    elif kind == "scales":  # norms from 1e-4 to 1e4
-        J = J / np.linalg.norm(J, axis=1, keepdims=True) * 10.0 ** np.linspace(-4, 4, T)[:, None]
-    return torch.tensor(J, dtype=torch.float64)
+    """[T,P] float64 task gradients of a given structure (``helpers.make_jacobian``)."""
+    return helpers.make_jacobian(kind, T, P, seed, kinds=KINDS)
 
 
 def gram(J: torch.Tensor) -> torch.Tensor:
