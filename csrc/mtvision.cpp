@@ -23,7 +23,7 @@ TORCH_LIBRARY(mtvision, m) {
   m.def("weighted_sum_out(Tensor[] grads, Tensor weights, Tensor(a!)[] out) -> ()");
   // GradDrop's sign dropout, chunk by chunk into `out`: per coordinate, with pos / neg the sums of the
   // positive / negative task values and P = (1 + (pos + neg) / (pos - neg)) / 2 (1/2 where all are 0),
-  // out = leak * (pos + neg) + (1 - leak) * ([P > u] pos + [P < u] neg); u from `draws` (float32, one
-  // value per coordinate of each chunk).
-  m.def("sign_dropout_sum_out(Tensor[] grads, Tensor[] draws, float leak, Tensor(a!)[] out) -> ()");
+  // out = leak * (pos + neg) + (1 - leak) * ([P > u] pos + [P < u] neg); u = counter_uniform(seed, i) for
+  // coordinate i counted over all chunks in order (csrc/gram/sign_dropout.h).
+  m.def("sign_dropout_sum_out(Tensor[] grads, int seed, float leak, Tensor(a!)[] out) -> ()");
 }

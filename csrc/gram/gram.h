@@ -32,13 +32,13 @@ std::vector<at::Tensor> weighted_sum_cpu(at::TensorList grads, const at::Tensor&
 void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::TensorList out);
 
 // GradDrop's sign dropout of the T values of every coordinate (see the schema in mtvision.cpp) into out.
-void sign_dropout_sum_out_cpu(at::TensorList grads, at::TensorList draws, double leak, at::TensorList out);
+void sign_dropout_sum_out_cpu(at::TensorList grads, int64_t seed, double leak, at::TensorList out);
 
 // sign_dropout_sum's leak must be in [0, 1].
 void check_leak(double leak);
 
-// Checks of sign_dropout_sum's draws (float32, one per coordinate of each chunk); returns them flat.
-std::vector<at::Tensor> flat_draws(const GradChunks& g, at::TensorList draws);
+// Index of each chunk's first coordinate when the coordinates of all chunks are counted in order.
+std::vector<int64_t> chunk_offsets(const GradChunks& g);
 
 // Checks of weighted_sum's weights and out tensors; returns the outs flattened to [n_i].
 void check_weights(const GradChunks& g, const at::Tensor& weights);

@@ -49,20 +49,14 @@ void check_leak(double leak) {
   TORCH_CHECK(leak >= 0.0 && leak <= 1.0, "sign_dropout_sum: leak must be in [0, 1], got ", leak);
 }
 
-std::vector<at::Tensor> flat_draws(const GradChunks& g, at::TensorList draws) {
-  TORCH_CHECK(draws.size() == g.chunks.size(), "sign_dropout_sum: ", draws.size(), " draw tensors for ",
-              g.chunks.size(), " gradient chunks");
-  std::vector<at::Tensor> flat;
-  for (size_t i = 0; i < draws.size(); ++i) {
-    const at::Tensor& u = draws[i];
-    TORCH_CHECK(u.numel() == g.chunks[i].size(1) && u.is_contiguous() && u.scalar_type() == at::kFloat &&
-                    u.device() == g.chunks[i].device(),
-                "sign_dropout_sum: draws ", i, " must be a contiguous float32 tensor of ", g.chunks[i].size(1),
-                " elements on ", g.chunks[i].device(), ", got ", u.scalar_type(), " ", u.sizes(), " on ",
-                u.device());
-    flat.push_back(u.view({-1}));
+std::vector<int64_t> chunk_offsets(const GradChunks& g) {
+  std::vector<int64_t> offsets;
+  int64_t at = 0;
+  for (const at::Tensor& c : g.chunks) {
+    offsets.push_back(at);
+    at += c.size(1);
   }
-  return flat;
+  return offsets;
 }
 
 }  // namespace mtvision

@@ -123,8 +123,8 @@ MTV_SIMD_CLONES void tile_weighted_sum(const T* const* rows, const acc_t* w, int
 // GradDrop on n columns: the positive and negative sums of the T values, the sign purity, the draw.
 // Tiles of columns with the task loop outside, so that both passes vectorize (branch-free selects).
 template <typename T, typename acc_t = typename AccType<T>::type>
-MTV_SIMD_CLONES void tile_sign_dropout(const T* const* rows, const float* u, int64_t T_, int64_t n, acc_t leak,
-                                       acc_t keep, T* __restrict out) {
+MTV_SIMD_CLONES void tile_sign_dropout(const T* const* rows, uint64_t seed, int64_t first, int64_t T_, int64_t n,
+                                       acc_t leak, acc_t keep, T* __restrict out) {
   constexpr int64_t kTile = 256;
   acc_t pos[kTile], neg[kTile];
   for (int64_t j0 = 0; j0 < n; j0 += kTile) {
@@ -138,8 +138,10 @@ MTV_SIMD_CLONES void tile_sign_dropout(const T* const* rows, const float* u, int
         neg[j] += v < 0 ? v : acc_t(0);
       }
     }
-    const float* __restrict uu = u + j0;
-    for (int64_t j = 0; j < m; ++j) out[j0 + j] = static_cast<T>(sign_dropout_value(pos[j], neg[j], uu[j], leak, keep));
+    for (int64_t j = 0; j < m; ++j) {
+      const float u = counter_uniform(seed, static_cast<uint64_t>(first + j0 + j));
+      out[j0 + j] = static_cast<T>(sign_dropout_value(pos[j], neg[j], u, leak, keep));
+    }
   }
 }
 
@@ -218,17 +220,16 @@ void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::T
   });
 }
 
-void sign_dropout_sum_out_cpu(at::TensorList grads, at::TensorList draws_list, double leak,
-                              at::TensorList out_list) {
+void sign_dropout_sum_out_cpu(at::TensorList grads, int64_t seed, double leak, at::TensorList out_list) {
   const GradChunks g = check_grad_chunks(grads, "sign_dropout_sum");
   check_leak(leak);
-  const std::vector<at::Tensor> draws = flat_draws(g, draws_list);
+  const std::vector<int64_t> offsets = chunk_offsets(g);
   const std::vector<at::Tensor> out = flat_outputs(g, out_list);
   const std::vector<Item> items = make_items(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.chunks[0].scalar_type(), "sign_dropout_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     for_each_item<scalar_t>(g, items, [&](const scalar_t* const* rows, const Item& it) {
-      tile_sign_dropout(rows, draws[it.chunk].data_ptr<float>() + it.begin, g.T, it.end - it.begin,
+      tile_sign_dropout(rows, static_cast<uint64_t>(seed), offsets[it.chunk] + it.begin, g.T, it.end - it.begin,
                         static_cast<acc_t>(leak), static_cast<acc_t>(1.0 - leak),
                         out[it.chunk].data_ptr<scalar_t>() + it.begin);
     });

@@ -121,11 +121,11 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(const ChunkDesc*
   }
 }
 
-// GradDrop's sign dropout per coordinate (see the CPU kernel): `draws` holds one float32 per column of
-// every chunk, laid out chunk after chunk as the ChunkDesc order (draw_offsets[c] = the chunk's first).
+// GradDrop's sign dropout per coordinate (see the CPU kernel); offsets[c]: the index of chunk c's first
+// coordinate over all chunks, for the counter-based draw.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sign_dropout_kernel(const ChunkDesc* table, int num_chunks,
-                                                                int T_, const float* const* draws,
+                                                                int T_, uint64_t seed, const int64_t* offsets,
                                                                 typename AccType<T>::type leak,
                                                                 typename AccType<T>::type keep) {
   using acc_t = typename AccType<T>::type;
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) sign_dropout_kernel(const ChunkDesc*
   const ChunkDesc c = table[ci];
   const T* src = static_cast<const T*>(c.src);
   T* dst = static_cast<T*>(c.dst);
-  const float* u = draws[ci];
+  const int64_t first = offsets[ci];
   const int64_t begin = (item - c.first_item) * kItemColumns;
   const int64_t end = min(c.n, begin + kItemColumns);
   for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
@@ -144,7 +144,8 @@ __global__ void __launch_bounds__(kThreads) sign_dropout_kernel(const ChunkDesc*
       pos += v > 0 ? v : acc_t(0);
       neg += v < 0 ? v : acc_t(0);
     }
-    dst[j] = static_cast<T>(sign_dropout_value(pos, neg, u[j], leak, keep));
+    const float u = counter_uniform(seed, static_cast<uint64_t>(first + j));
+    dst[j] = static_cast<T>(sign_dropout_value(pos, neg, u, leak, keep));
   }
 }
 
@@ -219,29 +220,27 @@ void weighted_sum_out_cuda(at::TensorList grads, const at::Tensor& weights, at::
   });
 }
 
-void sign_dropout_sum_out_cuda(at::TensorList grads, at::TensorList draws_list, double leak,
-                               at::TensorList out_list) {
+void sign_dropout_sum_out_cuda(at::TensorList grads, int64_t seed, double leak, at::TensorList out_list) {
   const GradChunks g = check_grad_chunks(grads, "sign_dropout_sum");
   check_leak(leak);
-  const std::vector<at::Tensor> draws = flat_draws(g, draws_list);
   const std::vector<at::Tensor> out = flat_outputs(g, out_list);
   const at::Tensor& first = g.chunks[0];
   const c10::cuda::CUDAGuard guard(first.device());
   auto [table, items] = chunk_table(g, &out);
-  // the chunks' draw pointers, copied with the table's pinned-host pattern
-  std::vector<const float*> ptrs;
-  for (const at::Tensor& u : draws) ptrs.push_back(u.data_ptr<float>());
-  const int64_t bytes = static_cast<int64_t>(ptrs.size() * sizeof(const float*));
+  // the chunks' first coordinates, copied with the table's pinned-host pattern
+  const std::vector<int64_t> offsets = chunk_offsets(g);
+  const int64_t bytes = static_cast<int64_t>(offsets.size() * sizeof(int64_t));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), ptrs.data(), bytes);
-  const at::Tensor dev_ptrs = host.to(first.device(), /*non_blocking=*/true);
+  std::memcpy(host.data_ptr(), offsets.data(), bytes);
+  const at::Tensor dev_offsets = host.to(first.device(), /*non_blocking=*/true);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "sign_dropout_cuda", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     sign_dropout_kernel<scalar_t><<<static_cast<unsigned int>(items), kThreads, 0, stream>>>(
         reinterpret_cast<const ChunkDesc*>(table.data_ptr()), static_cast<int>(g.chunks.size()),
-        static_cast<int>(g.T), reinterpret_cast<const float* const*>(dev_ptrs.data_ptr()),
-        static_cast<acc_t>(leak), static_cast<acc_t>(1.0 - leak));
+        static_cast<int>(g.T), static_cast<uint64_t>(seed),
+        reinterpret_cast<const int64_t*>(dev_offsets.data_ptr()), static_cast<acc_t>(leak),
+        static_cast<acc_t>(1.0 - leak));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -9,7 +9,20 @@
 #define MTV_HOST_DEVICE
 #endif
 
+#include <cstdint>
+
 namespace mtvision {
+
+// The uniform draw of coordinate `index` (counted over all chunks in order) for `seed`: SplitMix64 of
+// seed + (index + 1) * golden ratio, its top 24 bits as a float in [0, 1). Counter-based, so the CPU and
+// CUDA kernels draw the same values and no tensor of draws is written or read.
+MTV_HOST_DEVICE inline float counter_uniform(uint64_t seed, uint64_t index) {
+  uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) * 5.9604644775390625e-08f;  // 2^-24
+}
 
 template <typename acc_t>
 MTV_HOST_DEVICE inline acc_t sign_dropout_value(acc_t pos, acc_t neg, float u, acc_t leak, acc_t keep) {

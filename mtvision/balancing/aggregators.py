@@ -118,8 +118,8 @@ class GradientAggregator:
     def combine(self, rows: list[Tensor], weights: Tensor, out: list[Tensor],
                 generator: torch.Generator | None = None, inputs: list[Tensor] | None = None) -> None:
         """Write the update into ``out`` (one tensor per chunk of ``rows``): ``weighted_sum`` by default.
-        ``generator`` is on the rows' device; ``inputs`` are the shared features at the ``rep`` level
-        (``None`` at the ``param`` level)."""
+        ``generator``: the step's host (CPU) generator, as for :meth:`weights`; ``inputs`` are the shared
+        features at the ``rep`` level (``None`` at the ``param`` level)."""
         weighted_sum(rows, weights, out=out)
 
     def state_dict(self) -> dict:

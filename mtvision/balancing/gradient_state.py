@@ -61,7 +61,8 @@ class _StepCounter(GradientAggregator):
         for name in self._state_names:
             value = getattr(self, name)
             if value is not None:
-                state[name] = [t.detach().clone() for t in value] if isinstance(value, list) else value.clone()
+                state[name] = ([t.detach().clone() for t in value] if isinstance(value, list)
+                               else value.clone())
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -233,12 +234,13 @@ class GradDrop(GradientAggregator):
     ``level="rep"`` is the paper's (and LibMTL's, the only level it allows): the coordinates are the
     shared features'; ``g_t`` for the purity is the feature gradient times the sign of the feature,
     summed over the batch (across processes under DDP), and the mask of a feature coordinate applies to
-    every sample. ``level="param"``: the coordinates are the shared parameters', each gradient as it is.
+    every sample. ``level="param"``: the coordinates are the shared parameters', each gradient as it is
+    (one pass in ``mtvision.ops.sign_dropout_sum``, with counter-based draws from a seed).
     ``leak`` (default 0.0) as LibMTL's. LibMTL adds 1e-7 to the purity's denominator; here a coordinate
     whose gradients are all 0 gets ``P = ½`` instead (it contributes 0 either way), so that P does not
     depend on the loss scale (fp16's GradScaler multiplies every gradient by it). The draws come from
-    the training step's generator on the gradients' device (seeded from ``seed``, in checkpoints), so a
-    run is reproducible and every process draws the same U. The combination is not a weighted sum: the
+    the training step's host generator (seeded from ``seed``, in checkpoints), so a run is reproducible
+    and every process draws the same U. The combination is not a weighted sum: the
     logged weights are 1 and ``train.grad_clip`` clips after the backward.
     """
 
@@ -262,17 +264,11 @@ class GradDrop(GradientAggregator):
         else:
             self._combine_features(rows, out, generator, inputs)
 
-    def _draws(self, shapes: list[torch.Size], like: Tensor, generator) -> list[Tensor]:
-        """One uniform draw per coordinate, in one call for all chunks."""
-        sizes = [s.numel() for s in shapes]
-        u = torch.rand(sum(sizes), generator=generator, device=like.device, dtype=torch.float32)
-        return [v.view(s) for v, s in zip(torch.split(u, sizes), shapes)]
-
     def _combine_params(self, rows, out, generator) -> None:
-        # one pass over the T x P gradients in the custom op (an eager version takes about 12 operator
-        # calls per parameter: the step's largest host cost on a launch-bound GPU)
-        draws = self._draws([r.shape[1:] for r in rows], rows[0], generator)
-        sign_dropout_sum(rows, draws, self.leak, out=out)
+        # one pass over the T x P gradients in the custom op, whose draws come from a seed (a generator
+        # on the host: no tensor of T x P/T draws, no wait for the device)
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        sign_dropout_sum(rows, seed, self.leak, out=out)
 
     def _combine_features(self, rows, out, generator, inputs) -> None:
         acc = torch.promote_types(rows[0].dtype, torch.float32)
@@ -281,7 +277,9 @@ class GradDrop(GradientAggregator):
             flat = torch.cat([s.reshape(-1) for s in signed])
             torch.distributed.all_reduce(flat)
             signed = [v.view(s.shape) for v, s in zip(torch.split(flat, [s.numel() for s in signed]), signed)]
-        draws = self._draws([s.shape[1:] for s in signed], rows[0], generator)
+        sizes = [s[0].numel() for s in signed]
+        u_all = torch.rand(sum(sizes), generator=generator).to(rows[0].device, non_blocking=True)
+        draws = [v.view(s.shape[1:]) for v, s in zip(torch.split(u_all, sizes), signed)]
         for r, s, u, o in zip(rows, signed, draws, out):
             mass = s.abs().sum(0)
             purity = 0.5 * (1.0 + s.sum(0) / torch.where(mass > 0, mass, 1.0))

@@ -125,8 +125,6 @@ class GradientBalancer(Balancer):
         self._head_grads: Optional[list[Tensor]] = None
         self._combined: Optional[list[Tensor]] = None  # the op's output: contiguous, dims in memory order
         self._combined_grads: Optional[list[Tensor]] = None  # the same storage as the parameters' .grad
-        self._device_generator: Optional[torch.Generator] = None  # element-wise random draws (GradDrop)
-        self._device_generator_state: Optional[Tensor] = None  # restored before it exists
 
     # ------------------------------------------------------------------------------------------------
     # The Balancer interface
@@ -174,8 +172,6 @@ class GradientBalancer(Balancer):
 
     def state_dict(self):
         state = {} if self.generator is None else {"generator": self.generator.get_state()}
-        if self._device_generator is not None:
-            state["device_generator"] = self._device_generator.get_state()
         method = self.aggregator.state_dict()
         if method:
             state["method"] = method
@@ -184,24 +180,8 @@ class GradientBalancer(Balancer):
     def load_state_dict(self, state):
         if self.generator is not None and "generator" in state:
             self.generator.set_state(state["generator"].cpu())
-        if "device_generator" in state:
-            self._device_generator_state = state["device_generator"].cpu()
-            if self._device_generator is not None:
-                self._device_generator.set_state(self._device_generator_state)
         if "method" in state:
             self.aggregator.load_state_dict(state["method"])
-
-    def _generator_on(self, device: torch.device) -> Optional[torch.Generator]:
-        """The random source of element-wise methods on the gradients' device, seeded from the host
-        generator's seed (the same draws on every process); None without a host generator."""
-        if self.generator is None:
-            return None
-        if self._device_generator is None:
-            self._device_generator = torch.Generator(device=device)
-            self._device_generator.manual_seed(self.generator.initial_seed() + 1)
-            if self._device_generator_state is not None:
-                self._device_generator.set_state(self._device_generator_state)
-        return self._device_generator
 
     # ------------------------------------------------------------------------------------------------
     # The per-task gradients, the Gramian and the combination
@@ -398,7 +378,7 @@ class GradientBalancer(Balancer):
                 return c
             if a.weights_task_params:
                 self._weight_task_grads(c.weights_host)
-            a.combine(rows, c.weights, self._combined, self._generator_on(buffers[0].device))
+            a.combine(rows, c.weights, self._combined, self.generator)
             for p, g in zip(self.shared, self._combined_grads):
                 p.grad = g
             return c
@@ -416,7 +396,7 @@ class GradientBalancer(Balancer):
         if a.weights_task_params:
             self._weight_task_grads(c.weights_host)
         combined = [f.new_empty(f.shape) for f in head_inputs]
-        a.combine(rows, c.weights, combined, self._generator_on(buffers[0].device),
+        a.combine(rows, c.weights, combined, self.generator,
                   inputs=[f.detach() for f in features])
         torch.autograd.backward(list(features), combined)
         if self._world_size() > 1:  # the local batch's share of every parameter's gradient, averaged

@@ -37,22 +37,22 @@ def weighted_sum(grads: Tensor | Sequence[Tensor], weights: Tensor,
     return out if isinstance(out, Tensor) else outs
 
 
-def sign_dropout_sum(grads: Tensor | Sequence[Tensor], draws: Tensor | Sequence[Tensor], leak: float = 0.0,
+def sign_dropout_sum(grads: Tensor | Sequence[Tensor], seed: int, leak: float = 0.0,
                      out: Tensor | Sequence[Tensor] | None = None) -> Tensor | list[Tensor]:
     """GradDrop's combination of ``[T, ...]`` per-task gradient chunks, one ``[...]`` result per chunk.
 
     Per coordinate, with ``pos``/``neg`` the sums of the positive/negative task values and the sign
     purity ``P = ½(1 + (pos + neg)/(pos − neg))`` (½ where every value is 0): ``leak·(pos + neg) +
     (1 − leak)·([P > u]·pos + [P < u]·neg)``, i.e. each task's value is kept when its sign won the draw.
-    ``draws``: uniform float32 values ``u``, one per coordinate of each chunk (any shape with that
-    many elements, contiguous). Accumulated in float32 (float64 for float64 gradients); not
-    differentiable. ``out``: write into these tensors instead (contiguous, the chunks' shapes without T).
+    ``u`` is a counter-based uniform draw of ``seed`` (a 64-bit integer) and the coordinate's index over
+    all chunks in order (``reference.counter_uniform``): the same on every device, and no tensor of
+    draws. Accumulated in float32 (float64 for float64 gradients); not differentiable. ``out``: write
+    into these tensors instead (contiguous, the chunks' shapes without T).
     """
     chunks = _chunk_list(grads, "sign_dropout_sum")
-    us = [draws] if isinstance(draws, Tensor) else list(draws)
     outs = ([out] if isinstance(out, Tensor) else list(out)) if out is not None else [
         c.new_empty(c.shape[1:]) for c in chunks]
-    _OPS.sign_dropout_sum_out(chunks, us, float(leak), outs)
+    _OPS.sign_dropout_sum_out(chunks, int(seed), float(leak), outs)
     if out is not None:
         return out
     return outs[0] if isinstance(grads, Tensor) else outs
@@ -84,7 +84,7 @@ def _weighted_sum_out_fake(grads, weights, out):
 
 
 @torch.library.register_fake("mtvision::sign_dropout_sum_out")
-def _sign_dropout_sum_out_fake(grads, draws, leak, out):
+def _sign_dropout_sum_out_fake(grads, seed, leak, out):
     return None
 
 

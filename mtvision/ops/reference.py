@@ -62,19 +62,33 @@ def weighted_sum(grads: Tensor | list[Tensor], weights: Tensor) -> Tensor | list
     return out[0] if isinstance(grads, Tensor) else out
 
 
-def sign_dropout_sum(grads: Tensor | list[Tensor], draws: Tensor | list[Tensor], leak: float = 0.0
-                     ) -> Tensor | list[Tensor]:
+def counter_uniform(seed: int, n: int, first: int = 0) -> Tensor:
+    """The draws of ``mtvision.ops.sign_dropout_sum``, ``[n]`` float32 for coordinates ``first ..
+    first + n - 1``: SplitMix64 of ``seed + (i + 1)·0x9E3779B97F4A7C15`` (mod 2^64), top 24 bits / 2^24."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed % 2**64) + (np.arange(first, first + n, dtype=np.uint64) + np.uint64(1)) \
+            * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24))
+
+
+def sign_dropout_sum(grads: Tensor | list[Tensor], seed: int, leak: float = 0.0) -> Tensor | list[Tensor]:
     """GradDrop's combination (Chen et al. 2020) of ``[T, ...]`` chunks, written per task: the sign
     purity ``P = ½(1 + Σ_t g_t / Σ_t |g_t|)`` (½ where all are 0), the mask ``M_t = [P > u][g_t > 0] +
-    [P < u][g_t < 0]`` and ``Σ_t g_t (leak + (1 − leak) M_t)``, in float64; each result in its chunk's dtype."""
+    [P < u][g_t < 0]`` with ``u`` from :func:`counter_uniform` over the chunks' coordinates in order, and
+    ``Σ_t g_t (leak + (1 − leak) M_t)``, in float64; each result in its chunk's dtype."""
     chunks = _as_chunks(grads)
-    us = [draws] if isinstance(draws, Tensor) else list(draws)
-    out = []
-    for c, u in zip(chunks, us):
+    out, first = [], 0
+    for c in chunks:
         g = c.double()
         mass = g.abs().sum(0)
         purity = torch.where(mass > 0, 0.5 * (1 + g.sum(0) / torch.where(mass > 0, mass, 1.0)), 0.5)
-        u = u.double().reshape(purity.shape)
+        u = counter_uniform(seed, purity.numel(), first).double().reshape(purity.shape).to(g.device)
+        first += purity.numel()
         mask = ((purity > u) & (g > 0)) | ((purity < u) & (g < 0))
         out.append((g * (leak + (1 - leak) * mask.double())).sum(0).to(c.dtype))
     return out[0] if isinstance(grads, Tensor) else out

@@ -26,9 +26,14 @@ def chunks(T, dtype=torch.float64, device="cpu", seed=0, kind="random"):
     return out
 
 
-def draws_for(grads, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.rand(c.shape[1:], generator=g).to(c.device) for c in grads]
+SEED = 123456789012345
+
+
+def draws_for(grads, seed=SEED):
+    """The op's draws per chunk, from the reference's counter-based generator."""
+    u = reference.counter_uniform(seed, sum(c[0].numel() for c in grads))
+    sizes = [c[0].numel() for c in grads]
+    return [v.view(c.shape[1:]).to(c.device) for v, c in zip(torch.split(u, sizes), grads)]
 
 
 def purity64(c):
@@ -43,9 +48,8 @@ def purity64(c):
 @pytest.mark.parametrize("leak", [0.0, 0.3, 1.0])
 def test_float64_matches_reference(device, T, kind, leak):
     grads = chunks(T, torch.float64, device, kind=kind)
-    u = draws_for(grads)
-    got = sign_dropout_sum(grads, u, leak)
-    ref = reference.sign_dropout_sum(grads, u, leak)
+    got = sign_dropout_sum(grads, SEED, leak)
+    ref = reference.sign_dropout_sum(grads, SEED, leak)
     for a, b, c in zip(got, ref, grads):
         assert a.shape == c.shape[1:] and a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -58,8 +62,8 @@ def test_low_precision_matches_reference_away_from_ties(device, dtype):
     rounding of its draw, and values within the dtype's rounding."""
     grads = chunks(5, dtype, device, kind="sparse")
     u = draws_for(grads)
-    got = sign_dropout_sum(grads, u, 0.0)
-    ref = reference.sign_dropout_sum([c.double() for c in grads], u, 0.0)
+    got = sign_dropout_sum(grads, SEED, 0.0)
+    ref = reference.sign_dropout_sum([c.double() for c in grads], SEED, 0.0)
     tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     for a, b, c, draw in zip(got, ref, grads, u):
         assert a.dtype == dtype
@@ -71,45 +75,55 @@ def test_low_precision_matches_reference_away_from_ties(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_out_flat_and_promised_properties(device):
     grads = chunks(4, torch.float64, device)
-    u = draws_for(grads)
     outs = [torch.full(c.shape[1:], float("nan"), dtype=c.dtype, device=device) for c in grads]
-    assert sign_dropout_sum(grads, u, 0.0, out=outs) is outs
-    for a, b in zip(outs, sign_dropout_sum(grads, u, 0.0)):
+    assert sign_dropout_sum(grads, SEED, 0.0, out=outs) is outs
+    for a, b in zip(outs, sign_dropout_sum(grads, SEED, 0.0)):
         assert torch.equal(a, b)
     flat = torch.cat([c.reshape(4, -1) for c in grads], dim=1)
-    flat_u = torch.cat([x.reshape(-1) for x in u])
     joined = torch.cat([o.reshape(-1) for o in outs])
-    assert torch.equal(sign_dropout_sum(flat, flat_u), joined)  # coordinates are independent
+    assert torch.equal(sign_dropout_sum(flat, SEED), joined)  # coordinates counted over the chunks in order
+    assert not torch.equal(sign_dropout_sum(flat, SEED + 1), joined)  # another seed, other draws
     # leak 1: the plain sum; one sign everywhere: everything kept, whatever the draws
-    for a, c in zip(sign_dropout_sum(grads, u, 1.0), grads):
+    for a, c in zip(sign_dropout_sum(grads, SEED, 1.0), grads):
         torch.testing.assert_close(a, c.sum(0), rtol=1e-12, atol=1e-12)
     pos = [c.abs() for c in grads]
-    for a, c in zip(sign_dropout_sum(pos, u), pos):
+    for a, c in zip(sign_dropout_sum(pos, SEED), pos):
         torch.testing.assert_close(a, c.sum(0), rtol=1e-12, atol=1e-12)
-    # the draws decide: u = 0 keeps the positive sum wherever P > 0, u = 1 the negative one where P < 1
-    zeros = [torch.zeros_like(x) for x in u]
-    for a, c in zip(sign_dropout_sum(grads, zeros), grads):
-        p = purity64(c)
-        torch.testing.assert_close(a, torch.where(p > 0, c.clamp_min(0).sum(0), 0.0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_positive_sign_kept_with_probability_p(device):
+    """Two tasks +0.3 and -0.7 at every coordinate: P = 0.3, so the positive value is kept at about 30 %
+    of 200 000 coordinates, and exactly where the reference's draw is below P."""
+    n = 200_000
+    g = torch.tensor([0.3, -0.7], dtype=torch.float64, device=device)[:, None].expand(2, n).contiguous()
+    out = sign_dropout_sum(g, SEED)
+    kept_pos = out > 0
+    assert abs(kept_pos.double().mean().item() - 0.3) < 0.005
+    u = reference.counter_uniform(SEED, n).double().to(device)
+    p = torch.tensor(0.3, dtype=torch.float64)
+    assert torch.equal(kept_pos, u < p)
+
+
+def test_counter_uniform_draws():
+    u = reference.counter_uniform(SEED, 100_000)
+    assert u.dtype == torch.float32 and (u >= 0).all() and (u < 1).all()
+    assert abs(u.double().mean().item() - 0.5) < 0.005 and abs(u.double().var().item() - 1 / 12) < 0.002
+    assert torch.equal(reference.counter_uniform(SEED, 10, first=5), u[5:15])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_input_is_refused_with_the_field(device):
     grads = chunks(3, torch.float32, device)
-    u = draws_for(grads)
-    with pytest.raises(RuntimeError, match="draw tensors for"):
-        sign_dropout_sum(grads, u[:-1])
-    with pytest.raises(RuntimeError, match="draws 1 must be a contiguous float32 tensor of 8 elements"):
-        sign_dropout_sum(grads, [u[0], u[1].double(), *u[2:]])
-    with pytest.raises(RuntimeError, match="draws 0 must be"):
-        sign_dropout_sum(grads, [torch.rand(5, device=device), *u[1:]])
     with pytest.raises(RuntimeError, match="leak must be in"):
-        sign_dropout_sum(grads, u, 1.5)
+        sign_dropout_sum(grads, SEED, 1.5)
+    with pytest.raises(RuntimeError, match="output 1 must be a contiguous"):
+        sign_dropout_sum(grads, SEED, out=[torch.empty(c.shape[1:], device=device) if i != 1 else
+                                          torch.empty(3, device=device) for i, c in enumerate(grads)])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     grads = chunks(3, torch.float32, device)[:3]
-    u = draws_for(grads)
     outs = [torch.empty(c.shape[1:], device=device) for c in grads]
-    torch.library.opcheck(torch.ops.mtvision.sign_dropout_sum_out.default, (grads, u, 0.2, outs))
+    torch.library.opcheck(torch.ops.mtvision.sign_dropout_sum_out.default, (grads, SEED, 0.2, outs))
