@@ -64,16 +64,22 @@ def weighted_sum(grads: Tensor | list[Tensor], weights: Tensor) -> Tensor | list
 
 def counter_uniform(seed: int, n: int, first: int = 0) -> Tensor:
     """The draws of ``mtvision.ops.sign_dropout_sum``, ``[n]`` float32 for coordinates ``first ..
-    first + n - 1``: SplitMix64 of ``seed + (i + 1)·0x9E3779B97F4A7C15`` (mod 2^64), top 24 bits / 2^24."""
+    first + n - 1``: ``mix32(mix32(i ^ lo) + hi)`` with ``lo``/``hi`` the seed's 32-bit halves and mix32
+    MurmurHash3's finaliser (mod 2^32), the top 24 bits / 2^24."""
     import numpy as np
 
+    def mix32(h):
+        h = h ^ (h >> np.uint32(16))
+        h = h * np.uint32(0x85EBCA6B)
+        h = h ^ (h >> np.uint32(13))
+        h = h * np.uint32(0xC2B2AE35)
+        return h ^ (h >> np.uint32(16))
+
+    seed %= 2**64
+    lo, hi = np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)
     with np.errstate(over="ignore"):
-        z = np.uint64(seed % 2**64) + (np.arange(first, first + n, dtype=np.uint64) + np.uint64(1)) \
-            * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return torch.from_numpy((z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24))
+        h = mix32(mix32(np.arange(first, first + n, dtype=np.uint64).astype(np.uint32) ^ lo) + hi)
+    return torch.from_numpy((h >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24))
 
 
 def sign_dropout_sum(grads: Tensor | list[Tensor], seed: int, leak: float = 0.0) -> Tensor | list[Tensor]:
