@@ -39,3 +39,15 @@ def make_jacobian(kind: str, T: int, P: int = 40, seed: int = 0, kinds: tuple[st
     elif kind == "scales":
         J = J / np.linalg.norm(J, axis=1, keepdims=True) * 10.0 ** np.linspace(-4, 4, T)[:, None]
     return torch.tensor(J, dtype=torch.float64)
+
+
+def gram(J: torch.Tensor) -> torch.Tensor:
+    """The Gramian of ``J`` [T,P]."""
+    return J @ J.T
+
+
+def cases(sizes, kinds):
+    """pytest parameters (kind, T) for every size and kind."""
+    import pytest
+
+    return [pytest.param(k, T, id=f"{k}-T{T}") for T in sizes for k in kinds]

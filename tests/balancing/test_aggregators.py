@@ -7,6 +7,8 @@ the methods' formulas applied to the gradient vectors themselves.
 
 from __future__ import annotations
 
+import functools
+
 import itertools
 
 import numpy as np
@@ -26,7 +28,7 @@ from mtvision.balancing.aggregators import (
 )
 
 from . import helpers
-from .helpers import NoHostRead
+from .helpers import NoHostRead, gram
 
 #: The methods whose weights come from one batch's Gramian alone, as a weighted sum of the gradients,
 #: with no state across steps (the others keep state, combine element-wise, or take several batches:
@@ -42,17 +44,8 @@ KINDS = ("random", "conflicting", "aligned", "duplicated", "zero")
 SIZES = (2, 3, 5, 10)
 
 
-def make_jacobian(kind: str, T: int, P: int = 40, seed: int = 0) -> torch.Tensor:
-    """[T,P] float64 task gradients of a given structure (``helpers.make_jacobian``)."""
-    return helpers.make_jacobian(kind, T, P, seed, kinds=KINDS)
-
-
-def gram(J: torch.Tensor) -> torch.Tensor:
-    return J @ J.T
-
-
-def cases(sizes=SIZES, kinds=KINDS):
-    return [pytest.param(k, T, id=f"{k}-T{T}") for T in sizes for k in kinds]
+make_jacobian = functools.partial(helpers.make_jacobian, kinds=KINDS)  # [T,P] float64 of a structure
+cases = functools.partial(helpers.cases, sizes=SIZES, kinds=KINDS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ algorithm) for GradVac.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 
@@ -31,24 +32,15 @@ from mtvision.balancing import (
 )
 
 from . import helpers
-from .helpers import NoHostRead
+from .helpers import NoHostRead, gram
 
 KINDS = ("random", "conflicting", "identical", "duplicated", "zero", "opposed", "scales")
 SIZES = (2, 3, 5, 10)
 NEW = ("config", "dualproj", "fairgrad", "gradvac")
 
 
-def make_jacobian(kind: str, T: int, P: int = 40, seed: int = 0) -> torch.Tensor:
-    """[T,P] float64 task gradients of a given structure (``helpers.make_jacobian``)."""
-    return helpers.make_jacobian(kind, T, P, seed, kinds=KINDS)
-
-
-def gram(J: torch.Tensor) -> torch.Tensor:
-    return J @ J.T
-
-
-def cases(sizes=SIZES, kinds=KINDS):
-    return [pytest.param(k, T, id=f"{k}-T{T}") for T in sizes for k in kinds]
+make_jacobian = functools.partial(helpers.make_jacobian, kinds=KINDS)  # [T,P] float64 of a structure
+cases = functools.partial(helpers.cases, sizes=SIZES, kinds=KINDS)
 
 
 def assert_vec_close(a: torch.Tensor, b: torch.Tensor, rel: float, scale: float | None = None):
