@@ -8,7 +8,6 @@ the methods' formulas applied to the gradient vectors themselves.
 from __future__ import annotations
 
 import functools
-
 import itertools
 
 import numpy as np
