@@ -283,8 +283,36 @@ def bench_aggregation(device, repeats):
                 ref, got = baseline(), torch.cat([c.reshape(-1) for c in ours()])
                 row["rel_diff"] = ((got - ref).norm() / ref.norm()).item()
             rows.append(row)
+        rows.append(_graddrop_row(chunks, outs, T, P, device, repeats))
         del chunks
     return rows
+
+
+def eager_graddrop(chunks, generator):
+    """GradDrop's parameter-level combination in eager PyTorch, per chunk: the per-task masks of the
+    paper from a tensor of ``torch.rand`` draws (what ``sign_dropout_sum`` does in one pass)."""
+    out = []
+    for c in chunks:
+        u = torch.rand(c.shape[1:], generator=generator, device=c.device)
+        mass = c.abs().sum(0)
+        purity = 0.5 * (1 + c.sum(0) / torch.where(mass > 0, mass, 1.0))
+        keep = ((purity > u) & (c > 0)) | ((purity < u) & (c < 0))
+        out.append((c * keep).sum(0))
+    return out
+
+
+def _graddrop_row(chunks, outs, T, P, device, repeats):
+    from mtvision.ops import sign_dropout_sum
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    row = {"op": "graddrop combine (baseline: eager masks + torch.rand)", "shape": f"T{T} P{P / 1e6:.1f}M",
+           "device": device}
+    row["eager_ms"] = 1e3 * median_time(lambda: eager_graddrop(chunks, generator), device, max(3, repeats // 3),
+                                        warmup=1)
+    row["fused_ms"] = 1e3 * median_time(lambda: sign_dropout_sum(chunks, 12345, out=outs), device, repeats,
+                                        warmup=2)
+    row["speedup"] = row["eager_ms"] / row["fused_ms"]
+    return row
 
 
 def bench_solve(repeats):
