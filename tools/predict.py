@@ -98,7 +98,8 @@ def predict_inputs(args) -> int:
                 chunk.append((path, stem, predictor.load(path)))
             except DataError as e:
                 skipped.append(path)
-                tqdm.write(f"skipped {path}: {e}", file=sys.stderr)
+                reason = str(e).removeprefix(f"{path}: ")  # a DataError starts with the file's name
+                tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
                 bar.update(1)
         predictions = predictor.batch([image for _, _, image in chunk]) if chunk else []
         for (path, stem, image), pred in zip(chunk, predictions):
