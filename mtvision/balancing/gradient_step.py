@@ -143,9 +143,10 @@ class GradientBalancer(Balancer):
         fp16 = scaler is not None and scaler.is_enabled()
         T = len(self.tasks)
         forwards = forward if isinstance(forward, list) else [forward]
-        # the logged values (per task, the mean over the step's batches) come back with the Gramian (the
-        # step's one wait for the device)
-        m = mean_losses.float().reshape(-1, T).mean(0)
+        m = mean_losses.float()
+        if self.batches_per_step > 1:  # [K, T] -> K*T rows, batch-major; logged: the mean over the batches
+            m, losses, mean_losses = m.mean(0), losses.reshape(-1), mean_losses.reshape(-1)
+        # the logged values come back with the Gramian (the step's one wait for the device)
         read = torch.cat([m, m.sum().view(1), *([] if extra is None else [extra.float().reshape(-1)])])
         a = self.aggregator
         fold_clip = (max_norm is not None and self.level == "param" and not fp16 and a.linear
@@ -153,17 +154,17 @@ class GradientBalancer(Balancer):
         if self.level == "rep":  # the weighted backward through the backbone accumulates: start clean
             for p in [*self.shared, *self._heads]:
                 p.grad = None
-        objective = a.task_losses(losses.reshape(-1), mean_losses.reshape(-1))
+        objective = a.task_losses(losses, mean_losses)
         c = self.combine(scaler.scale(objective) if fp16 else objective,
                          [f.outputs[t] for f in forwards for t in self.tasks],
                          forwards[0].features, forwards[0].head_inputs,
                          1.0 / scaler.get_scale() if fp16 else None, read_with_gram=read,
-                         max_norm=max_norm if fold_clip else None, mean_losses=mean_losses.reshape(-1))
+                         max_norm=max_norm if fold_clip else None, mean_losses=mean_losses)
         host = c.read.tolist()
         values = {t: host[i] for i, t in enumerate(self.tasks)}
         values["total"] = host[T]
-        w_task = c.weights_host.view(-1, T).sum(0)  # K > 1: the rows of the batch(es) the update uses
-        values.update({f"weight/{t}": float(w) for t, w in zip(self.tasks, w_task.tolist())})
+        w = c.weights_host.tolist()  # K > 1: the rows of the batch the update uses (the others are 0)
+        values.update({f"weight/{name}": sum(w[i::T]) for i, name in enumerate(self.tasks)})
         # a non-finite loss makes a non-finite Gramian; with fp16 the scaler finds those itself
         skip = not math.isfinite(host[T]) or (not fp16 and not c.finite)
         if c.grad_norm is not None:
