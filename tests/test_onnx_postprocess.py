@@ -167,3 +167,40 @@ def test_fp16_and_dynamic_size_files(files, tmp_path):
     got = Predictor(dynamic)(image)
     np.testing.assert_allclose(got["depth"], ref["depth"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got["det"]["boxes"], ref["det"]["boxes"], rtol=1e-4, atol=1e-3)
+
+
+def _greedy_nms_reference(boxes, scores, iou, score_threshold):
+    """Greedy NMS written out in float64: highest score first, drop every later box whose IoU with a
+    kept one exceeds ``iou``; only boxes scoring above ``score_threshold`` take part."""
+    b, s = boxes.double(), scores.double()
+    order = [i for i in sorted(range(len(s)), key=lambda i: -float(s[i])) if s[i] > score_threshold]
+    kept = []
+    for i in order:
+        ok = True
+        for j in kept:
+            lt, rb = torch.maximum(b[i, :2], b[j, :2]), torch.minimum(b[i, 2:], b[j, 2:])
+            inter = (rb - lt).clamp_min(0).prod()
+            area = lambda k: (b[k, 2:] - b[k, :2]).clamp_min(0).prod()  # noqa: E731
+            if inter / (area(i) + area(j) - inter) > iou:
+                ok = False
+                break
+        if ok:
+            kept.append(i)
+    keep = torch.zeros(len(s), dtype=torch.bool)
+    keep[kept] = True
+    return keep
+
+
+def test_nms_keep_op_against_greedy_reference_and_opcheck():
+    from mtvision.inference.postprocess import nms_keep
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(2, 40, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + 5 + torch.rand(2, 40, 2, generator=g) * 20], dim=2)
+    scores = torch.rand(2, 40, generator=g)
+    keep = nms_keep(boxes, scores, 0.5, 0.2)
+    assert keep.shape == (2, 40) and keep.dtype == torch.bool
+    for i in range(2):
+        assert torch.equal(keep[i], _greedy_nms_reference(boxes[i], scores[i], 0.5, 0.2))
+    assert 0 < keep.sum() < (scores > 0.2).sum()  # some boxes suppressed, some kept
+    torch.library.opcheck(torch.ops.mtvision_inference.nms_keep.default, (boxes, scores, 0.5, 0.2))
