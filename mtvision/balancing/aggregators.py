@@ -135,6 +135,8 @@ class GradientAggregator:
         of ``[T,...]`` chunks; one step of the method (``prepare``, ``weights_from``, ``combine``), as
         the training step takes it. ``losses`` [T]: for the methods whose ``prepare`` reads them."""
         chunks = [grads] if isinstance(grads, Tensor) else list(grads)
+        if type(self).prepare is not GradientAggregator.prepare:  # it may work in place (MoCo scales rows)
+            chunks = [c.clone() for c in chunks]
         rows, stats = self.prepare(chunks, losses)
         w = self.weights_from(gram_matrix(rows), stats, generator)
         out = [r.new_empty(r.shape[1:]) for r in rows]

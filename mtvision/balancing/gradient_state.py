@@ -47,8 +47,9 @@ def _row_shaped(v: Tensor, like: Tensor) -> Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-class _StepCounter(GradientAggregator):
-    """Shared bookkeeping: a step counter and a list of ``T × P`` state tensors in ``state_dict``."""
+class _GradientState(GradientAggregator):
+    """Shared by the methods with per-task gradient state: the step count and the state tensors named in
+    ``_state_names`` (``T × P`` lists or small tensors), in ``state_dict``."""
 
     levels = ("param",)
     _state_names: tuple[str, ...] = ()
@@ -76,7 +77,7 @@ class _StepCounter(GradientAggregator):
 
 
 @BALANCERS.register("dbmtl")
-class DBMTL(_StepCounter):
+class DBMTL(_GradientState):
     """DB-MTL (Lin et al. 2023, "Dual-Balancing Multi-Task Learning"): loss-scale balancing by taking the
     gradients of ``log(L_t + 1e-8)``, and gradient-magnitude balancing: an EMA of each task's gradient
     ``ĝ_t ← g_t + β_k (ĝ_t − g_t)`` with ``β_k = beta / k^beta_sigma`` at step k (ĝ starts at 0), and
@@ -115,7 +116,7 @@ class DBMTL(_StepCounter):
 
 
 @BALANCERS.register("moco")
-class MoCo(_StepCounter):
+class MoCo(_GradientState):
     """MoCo (Fernando et al., ICLR 2023, "Mitigating Gradient Bias in Multi-objective Learning"): a
     tracked per-task gradient ``y_t ← y_t − β_k (y_t − L_t g_t/(|g_t| + 1e-8))`` (y starts at 0) and
     weights ``λ ← softmax(λ − γ_k (Y Yᵀ + ρ I) λ)`` (λ starts at 1/T) with ``β_k = beta / k^beta_sigma``,
@@ -165,7 +166,7 @@ class MoCo(_StepCounter):
 
 
 @BALANCERS.register("excessmtl")
-class ExcessMTL(_StepCounter):
+class ExcessMTL(_GradientState):
     """ExcessMTL (He et al., ICML 2024, "Robust Multi-Task Learning with Excess Risks"): task weights
     that grow with each task's estimated excess risk. With the AdaGrad-style accumulator
     ``A_t += g_t²`` (element-wise, ``T × P`` state), the estimate is ``e_t = Σ g_t² / sqrt(A_t + 1e-7)``
