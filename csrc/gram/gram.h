@@ -40,9 +40,9 @@ void check_leak(double leak);
 // Index of each chunk's first coordinate when the coordinates of all chunks are counted in order.
 std::vector<int64_t> chunk_offsets(const GradChunks& g);
 
-// Checks of weighted_sum's weights and out tensors; returns the outs flattened to [n_i].
+// Checks of weighted_sum's weights, and of an op's out tensors (returned flattened to [n_i]).
 void check_weights(const GradChunks& g, const at::Tensor& weights);
-std::vector<at::Tensor> flat_outputs(const GradChunks& g, at::TensorList out);
+std::vector<at::Tensor> flat_outputs(const GradChunks& g, at::TensorList out, const char* op);
 
 // Allocates weighted_sum's outputs with `alloc(numel, options)`, runs `fill(grads, weights, flat)`,
 // and returns them shaped like grads_i[0].

@@ -29,15 +29,15 @@ void check_weights(const GradChunks& g, const at::Tensor& weights) {
               "], got shape ", weights.sizes());
 }
 
-std::vector<at::Tensor> flat_outputs(const GradChunks& g, at::TensorList out) {
-  TORCH_CHECK(out.size() == g.chunks.size(), "weighted_sum: ", out.size(), " outputs for ",
+std::vector<at::Tensor> flat_outputs(const GradChunks& g, at::TensorList out, const char* op) {
+  TORCH_CHECK(out.size() == g.chunks.size(), op, ": ", out.size(), " outputs for ",
               g.chunks.size(), " gradient chunks");
   std::vector<at::Tensor> flat;
   for (size_t i = 0; i < out.size(); ++i) {
     const at::Tensor& o = out[i];
     TORCH_CHECK(o.numel() == g.chunks[i].size(1) && o.is_contiguous() &&
                     o.scalar_type() == g.chunks[i].scalar_type() && o.device() == g.chunks[i].device(),
-                "weighted_sum: output ", i, " must be a contiguous ", g.chunks[i].scalar_type(), " tensor of ",
+                op, ": output ", i, " must be a contiguous ", g.chunks[i].scalar_type(), " tensor of ",
                 g.chunks[i].size(1), " elements on ", g.chunks[i].device(), ", got ", o.scalar_type(), " ",
                 o.sizes(), " on ", o.device());
     flat.push_back(o.view({-1}));

@@ -207,7 +207,7 @@ void for_each_item(const GradChunks& g, const std::vector<Item>& items, Fn fn) {
 void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::TensorList out_list) {
   const GradChunks g = check_grad_chunks(grads, "weighted_sum");
   check_weights(g, weights);
-  const std::vector<at::Tensor> out = flat_outputs(g, out_list);
+  const std::vector<at::Tensor> out = flat_outputs(g, out_list, "weighted_sum");
   const bool f64 = g.chunks[0].scalar_type() == at::kDouble;
   const at::Tensor w = weights.to(at::kCPU, f64 ? at::kDouble : at::kFloat).contiguous();
   const std::vector<Item> items = make_items(g);
@@ -224,7 +224,7 @@ void sign_dropout_sum_out_cpu(at::TensorList grads, int64_t seed, double leak, a
   const GradChunks g = check_grad_chunks(grads, "sign_dropout_sum");
   check_leak(leak);
   const std::vector<int64_t> offsets = chunk_offsets(g);
-  const std::vector<at::Tensor> out = flat_outputs(g, out_list);
+  const std::vector<at::Tensor> out = flat_outputs(g, out_list, "sign_dropout_sum");
   const std::vector<Item> items = make_items(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.chunks[0].scalar_type(), "sign_dropout_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;

@@ -204,7 +204,7 @@ at::Tensor gram_matrix_cuda(at::TensorList grads) {
 void weighted_sum_out_cuda(at::TensorList grads, const at::Tensor& weights, at::TensorList out_list) {
   const GradChunks g = check_grad_chunks(grads, "weighted_sum");
   check_weights(g, weights);
-  const std::vector<at::Tensor> out = flat_outputs(g, out_list);
+  const std::vector<at::Tensor> out = flat_outputs(g, out_list, "weighted_sum");
   const at::Tensor& first = g.chunks[0];
   const c10::cuda::CUDAGuard guard(first.device());
   const auto dtype = first.scalar_type();
@@ -223,7 +223,7 @@ void weighted_sum_out_cuda(at::TensorList grads, const at::Tensor& weights, at::
 void sign_dropout_sum_out_cuda(at::TensorList grads, int64_t seed, double leak, at::TensorList out_list) {
   const GradChunks g = check_grad_chunks(grads, "sign_dropout_sum");
   check_leak(leak);
-  const std::vector<at::Tensor> out = flat_outputs(g, out_list);
+  const std::vector<at::Tensor> out = flat_outputs(g, out_list, "sign_dropout_sum");
   const at::Tensor& first = g.chunks[0];
   const c10::cuda::CUDAGuard guard(first.device());
   auto [table, items] = chunk_table(g, &out);

@@ -117,7 +117,7 @@ def test_bad_input_is_refused_with_the_field(device):
     grads = chunks(3, torch.float32, device)
     with pytest.raises(RuntimeError, match="leak must be in"):
         sign_dropout_sum(grads, SEED, 1.5)
-    with pytest.raises(RuntimeError, match="output 1 must be a contiguous"):
+    with pytest.raises(RuntimeError, match="sign_dropout_sum: output 1 must be a contiguous"):
         sign_dropout_sum(grads, SEED, out=[torch.empty(c.shape[1:], device=device) if i != 1 else
                                           torch.empty(3, device=device) for i, c in enumerate(grads)])
 
