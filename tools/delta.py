@@ -12,6 +12,8 @@ Prints a Markdown table, one row per results file: each metric with its relative
 it enters Δm (negative = better), and Δm (mean of those, lower is better; Nash-MTL / FAMO convention).
 A task that a results file reports (a ``"task/..."`` key) but no baseline covers is named in a warning on
 stderr, one line per task (without ``--metrics``, which picks the keys on purpose): Δm leaves it out.
+The tasks a run trained as auxiliary (``train.auxiliary_tasks``, recorded in its ``metrics.json``) are
+left out of Δm for every row, with a note on stderr.
 Exit status 1 when a results file lacks a baseline metric (its row says which), 2 on a bad file.
 """
 
@@ -22,7 +24,8 @@ import sys
 from pathlib import Path
 
 from mtvision.engine.cli import exit_on_user_error, tasks_without_baseline
-from mtvision.evaluation import delta_m, delta_table, read_baselines, read_metrics
+from mtvision.evaluation import (delta_m, delta_table, read_auxiliary_tasks, read_baselines, read_metrics,
+                                 without_tasks)
 
 
 @exit_on_user_error
@@ -38,6 +41,15 @@ def main(argv=None) -> int:
     try:
         baselines = read_baselines(args.baselines, args.metrics)
         results = {path: read_metrics(path) for path in args.results}
+        auxiliary = {path: read_auxiliary_tasks(path) for path in args.results}
+        left_out = sorted({t for tasks in auxiliary.values() for t in tasks})
+        if left_out:  # trained as auxiliary tasks: not part of the comparison
+            baselines = without_tasks(baselines, left_out)
+            print(f"note: auxiliary task(s) {', '.join(left_out)} (train.auxiliary_tasks of "
+                  f"{', '.join(p for p, t in auxiliary.items() if t)}): left out of Δm", file=sys.stderr)
+            if not baselines:
+                raise ValueError("no baseline metric is left once the auxiliary tasks are left out")
+            results = {p: without_tasks(m, left_out) for p, m in results.items()}
         table = delta_table(results, baselines)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -41,7 +41,7 @@ from mtvision.engine.cli import (checkpoint_tool_parser, config_from_args, exit_
 from mtvision.engine.builders import resolve_device
 from mtvision.distributed import dist_env, init_distributed
 from mtvision.engine.logging import format_table
-from mtvision.evaluation import read_baselines, relative_changes
+from mtvision.evaluation import read_baselines, relative_changes, without_tasks
 
 
 def check_cityscapes_export(cfg) -> None:
@@ -140,12 +140,20 @@ def _main(argv=None) -> int:
     summary = {"checkpoint": str(args.checkpoint), "iteration": state.get("iteration"),
                "num_samples": len(dataset), "metrics": metrics}
     rc = 0
+    if baselines is not None and cfg.train.auxiliary_tasks:
+        print(f"note: auxiliary task(s) {', '.join(cfg.train.auxiliary_tasks)} (train.auxiliary_tasks): left out "
+              f"of Δm", file=sys.stderr)
+        baselines = without_tasks(baselines, cfg.train.auxiliary_tasks)
+        metrics_for_delta = without_tasks(metrics, cfg.train.auxiliary_tasks)
+    else:
+        metrics_for_delta = metrics
     if baselines is not None:
-        for task in tasks_without_baseline(cfg.data.tasks, baselines):
+        main_tasks = [t for t in cfg.data.tasks if t not in cfg.train.auxiliary_tasks]
+        for task in tasks_without_baseline(main_tasks, baselines):
             print(f"warning: --baselines: no baseline metric of task {task!r} in {' '.join(args.baselines)}; "
                   f"Δm leaves it out", file=sys.stderr)
         try:
-            summary.update(print_delta(metrics, baselines, " ".join(args.baselines)))
+            summary.update(print_delta(metrics_for_delta, baselines, " ".join(args.baselines)))
         except ValueError as e:
             print(f"error: --baselines: {e}", file=sys.stderr)
             rc = 2

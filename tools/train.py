@@ -123,9 +123,14 @@ def main(argv=None) -> int:
             print(f"stopped by {trainer.stopped_by} at iteration {trainer.iteration}; continue with: "
                   f"python tools/train.py {Path(trainer.work_dir) / 'config.yaml'} --resume")
             return 0
+        auxiliary = set(cfg.train.auxiliary_tasks)
         rows = [k for k in metrics if k.count("/") == 1]
+        rows = [k for k in rows if k.split("/")[0] not in auxiliary] + \
+               [k for k in rows if k.split("/")[0] in auxiliary]
         print(format_table(rows, {f"iter {trainer.iteration}": metrics,
                                   f"best (iter {trainer.best['iteration']})": trainer.best["metrics"]}))
+        if auxiliary:
+            print(f"auxiliary (not in the best-checkpoint score nor in Δm): {', '.join(sorted(auxiliary))}")
         print(f"work dir: {trainer.work_dir}")
         return 0
     finally:

@@ -119,6 +119,10 @@ class GradientBalancer(Balancer):
         self.level = level
         self.generator = generator
         self.distributed = distributed
+        # the Gramian the method solves on is that of the raw task gradients of the shared parameters
+        raw = (type(aggregator).prepare is GradientAggregator.prepare
+               and type(aggregator).task_losses is GradientAggregator.task_losses)
+        self.provides_gramian = level == "param" and self.batches_per_step == 1 and raw
         self._flat: Optional[Tensor] = None  # per-task shared rows, then the heads' gradients
         self._buffers: Optional[list[Tensor]] = None
         self._rows: Optional[list[list[Tensor]]] = None  # [t][k]: row t of buffer k (views made once)
@@ -169,7 +173,8 @@ class GradientBalancer(Balancer):
         skip = not math.isfinite(host[T]) or (not fp16 and not c.finite)
         if c.grad_norm is not None:
             skip = skip or not math.isfinite(c.grad_norm)
-        return BalanceResult(values, host[T + 1:], skip=skip, clipped=fold_clip, grad_norm=c.grad_norm)
+        return BalanceResult(values, host[T + 1:], skip=skip, clipped=fold_clip, grad_norm=c.grad_norm,
+                             gram=c.gram_host if self.provides_gramian else None)
 
     def state_dict(self):
         state = {} if self.generator is None else {"generator": self.generator.get_state()}

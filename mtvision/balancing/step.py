@@ -47,6 +47,8 @@ class BalanceResult:
         skip: the loss or gradient is not finite: take no optimizer step.
         clipped: the gradients are already clipped to ``max_norm``.
         grad_norm: the total gradient norm before clipping, when known on the host.
+        gram: the ``[T,T]`` Gramian (float64, host, unscaled) of the per-task gradients of the shared
+            parameters, when the method computed it anyway (``Balancer.provides_gramian``).
     """
 
     values: dict[str, float]
@@ -54,6 +56,7 @@ class BalanceResult:
     skip: bool = False
     clipped: bool = False
     grad_norm: Optional[float] = None
+    gram: Optional[Tensor] = None
 
 
 class Balancer:
@@ -71,6 +74,9 @@ class Balancer:
     retains_graph: bool = False
     #: batches one step draws: with K > 1 ``backward`` gets ``losses [K,T]`` and a list of K forwards
     batches_per_step: int = 1
+    #: every ``backward`` returns the Gramian of the raw per-task gradients of the shared parameters
+    #: (``BalanceResult.gram``): gradient monitoring costs nothing more
+    provides_gramian: bool = False
 
     def __init__(self, tasks: Sequence[str]):
         self.tasks = list(tasks)

@@ -165,6 +165,16 @@ class TrainConfig:
     #: ``checkpoints/best.pth`` with the whole training state (optimizer, RNGs, ...: resumable); by default
     #: it keeps what inference and Δm need (weights, config, metrics), a fraction of ``last.pth``'s size
     full_best_checkpoint: bool = False
+    #: every this many steps: the per-task gradient norms and pairwise cosines on the shared parameters
+    #: (TensorBoard ``relations/``, ``metrics.json`` ``relations``); gradient methods at the parameter level
+    #: give them every step at no cost, loss weightings pay one forward and T backward passes; 0: off
+    monitor_interval: int = _f(0, _NONNEG)
+    #: every this many steps: TAG's lookahead inter-task affinity (also one forward more per task); 0: off
+    affinity_interval: int = _f(0, _NONNEG)
+    #: the SGD step size of the affinity's lookahead; null: the optimizer's current learning rate
+    affinity_lr: Optional[float] = _f(None, _POSITIVE)
+    #: tasks trained as usual but left out of the best-checkpoint score and of Δm (reported apart)
+    auxiliary_tasks: list[str] = _f([])
 
 
 @dataclass

@@ -241,6 +241,14 @@ def check_tasks(cfg) -> list[str]:
     for t in cfg.loss.weights:
         if t not in tasks:
             raise ConfigError(f"loss.weights.{t}: no such task (data.tasks: {', '.join(tasks)})")
+    auxiliary = list(cfg.train.auxiliary_tasks)
+    for t in auxiliary:
+        if t not in tasks:
+            raise ConfigError(f"train.auxiliary_tasks: {t!r} is not a training task "
+                              f"(data.tasks: {', '.join(tasks)})")
+    if set(auxiliary) >= set(tasks):
+        raise ConfigError(f"train.auxiliary_tasks: {auxiliary} leaves no main task to score "
+                          f"(data.tasks: {', '.join(tasks)})")
     return tasks
 
 

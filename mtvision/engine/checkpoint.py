@@ -10,7 +10,8 @@ A checkpoint is a dict of plain data only (tensors, dicts, lists, str, numbers, 
      "optimizer": state_dict, "scheduler": state_dict, "scaler": state_dict | absent,
      "balancer": state | absent, "rng": [rng_state() of each rank],
      "data": {"epoch", "batch_in_epoch", "world_size"}, "counters": {...},
-     "best": {"iteration", "score", "metrics"}, "history": [...]}
+     "best": {"iteration", "score", "metrics"}, "history": [...],
+     "relations": TaskRelations.state_dict() | absent (train.monitor_interval / affinity_interval)}
 
 Format 1 (before resumable training) lacks the resumable part; it still loads for evaluation and inference.
 """
@@ -171,6 +172,8 @@ def training_state(trainer, metrics: Optional[dict] = None, full: bool = True, g
     })
     if t.scaler.is_enabled():
         state["scaler"] = t.scaler.state_dict()
+    if getattr(t, "relations", None) is not None:
+        state["relations"] = t.relations.state_dict()
     return state
 
 
@@ -228,6 +231,8 @@ def restore_training_state(trainer, path: PathLike) -> None:
     if "scaler" in state and t.scaler.is_enabled():
         t.scaler.load_state_dict(state["scaler"])
     t.balancer.load_state_dict(state.get("balancer") or {})
+    if getattr(t, "relations", None) is not None:
+        t.relations.load_state_dict(state.get("relations") or {})
     t.iteration = int(state["iteration"])
     data = state["data"]
     t.data_position = (int(data["epoch"]), int(data["batch_in_epoch"]))

@@ -3,8 +3,9 @@ policy, the log / TensorBoard / progress bar, evaluation with the best checkpoin
 final, stop and crash checkpoints.
 
 The loop (:meth:`mtvision.engine.trainer.Trainer.train`) calls, for every hook in order,
-``before_train()`` once, ``after_step(outcome)`` after every step, ``on_exception(exc)`` when the run
-fails, and ``after_train()`` at the end whatever happened. A hook reads and writes the trainer it is
+``before_train()`` once, ``before_step(batch)`` and ``after_step(outcome)`` around every step,
+``on_exception(exc)`` when the run fails, and ``after_train()`` at the end whatever happened. A hook
+reads and writes the trainer it is
 given (``hook.trainer``); pass your own with ``Trainer(cfg, hooks=[...])``.
 """
 
@@ -15,6 +16,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -44,6 +46,9 @@ class HookBase:
 
     def before_train(self) -> None:
         pass
+
+    def before_step(self, batch) -> None:
+        """Before each step, with its batch (a list of batches for a method that draws several)."""
 
     def after_step(self, outcome: "StepOutcome") -> None:
         pass
@@ -215,7 +220,8 @@ class MetricWriterHook(HookBase):
 
 class EvalHook(HookBase):
     """Every ``train.eval_interval`` steps and at the end: the validation metrics (history,
-    ``last_metrics``), and ``checkpoints/best.pth`` when the primary score improves. BatchNorm running
+    ``last_metrics``), and ``checkpoints/best.pth`` when the primary score (of the tasks not in
+    ``train.auxiliary_tasks``) improves. BatchNorm running
     statistics are first made equal on every process (rank 0's), so what is evaluated is what is saved."""
 
     def after_step(self, outcome) -> None:
@@ -228,7 +234,8 @@ class EvalHook(HookBase):
         metrics = t.evaluate()
         t.last_metrics = metrics
         t.history.append({"iteration": t.iteration, **metrics})
-        score = primary_score(metrics, t.tasks)
+        auxiliary = set(t.cfg.train.auxiliary_tasks)
+        score = primary_score(metrics, [x for x in t.tasks if x not in auxiliary])
         improved = score > t.best["score"]
         if improved:
             t.best = {"iteration": t.iteration, "score": score, "metrics": metrics}
@@ -236,8 +243,9 @@ class EvalHook(HookBase):
             for name in t.eval_skipped_files:
                 t.logger.warning("evaluation skipped an unreadable sample (data.skip_bad): %s", name)
             shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.count("/") == 1)
-            t.logger.info("eval @ %d (%.1fs): %s  score %.4f%s", t.iteration, time.perf_counter() - t0, shown,
-                          score, "  (best)" if improved else "")
+            aux = f" (without auxiliary {', '.join(sorted(auxiliary))})" if auxiliary else ""
+            t.logger.info("eval @ %d (%.1fs): %s  score%s %.4f%s", t.iteration, time.perf_counter() - t0,
+                          shown, aux, score, "  (best)" if improved else "")
             t.writer.add_scalars("val", {**metrics, "score": score}, t.iteration)
         if improved:
             t.save("best", metrics, full=t.cfg.train.full_best_checkpoint)
@@ -247,30 +255,50 @@ class CheckpointHook(HookBase):
     """``checkpoints/last.pth`` every ``train.checkpoint_interval`` steps, at the end, when stopped by a
     signal, and when the run fails after it started (the error is re-raised after the save)."""
 
+    def __init__(self):
+        self.complete_at: Optional[int] = None  # the iteration last.pth holds with every rank's state
+
+    def before_train(self) -> None:
+        t = self.trainer
+        last = t.work_dir / "checkpoints" / "last.pth"
+        resumed = t.resumed_from is not None and Path(t.resumed_from).resolve() == last.resolve()
+        self.complete_at = t.iteration if resumed else None
+
+    def _save_complete(self) -> None:
+        _sync_buffers(self.trainer)
+        self.trainer.save("last")
+        self.complete_at = self.trainer.iteration
+
     def after_step(self, outcome) -> None:
         t = self.trainer
         if t.stopped_by is not None:
-            _sync_buffers(t)
-            t.save("last")
+            self._save_complete()
             if t.logger is not None:
                 t.logger.warning("stopped by %s at iteration %d; saved checkpoints/last.pth (resume with "
                                  "python tools/train.py %s --resume)", t.stopped_by, t.iteration,
                                  t.work_dir / "config.yaml")
         elif _due(t.iteration, t.cfg.train.checkpoint_interval, t.cfg.train.max_iters):
-            _sync_buffers(t)
-            t.save("last")
+            self._save_complete()
 
     def on_exception(self, exc: BaseException) -> None:
         """Save what was trained before the error, without collectives (a peer may be gone or stuck):
-        rank 0 writes, with its own random state, at the data position of the step that failed."""
+        rank 0 writes, with its own random state, at the data position of the step that failed. When
+        last.pth already holds this iteration with every process's random state (a peer died right after
+        a checkpoint, say), it is kept: overwriting it would lose the other ranks' states and gain
+        nothing."""
         t = self.trainer
         if not t.is_main or t.iteration == 0 or t.logger is None:
             return
+        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"
+        if self.complete_at == t.iteration:
+            t.logger.error("run failed at iteration %d (%s); checkpoints/last.pth already holds this "
+                           "iteration (resume with --resume)", t.iteration, reason)
+            log_traceback_to_file(t.logger, exc)
+            return
         try:
             path = t.save("last", gather=False)
-            t.logger.error("run failed at iteration %d (%s: %s); saved %s (resume with --resume)",
-                           t.iteration, type(exc).__name__,
-                           str(exc).strip().splitlines()[-1] if str(exc).strip() else "", path)
+            t.logger.error("run failed at iteration %d (%s); saved %s (resume with --resume)", t.iteration,
+                           reason, path)
             log_traceback_to_file(t.logger, exc)
         except Exception as save_error:  # noqa: BLE001 - the original error is the one to report
             t.logger.error("run failed at iteration %d and last.pth could not be written: %s", t.iteration,
@@ -306,7 +334,8 @@ def run_summary(self, train_seconds: float) -> dict:
         "best": self.best if finite else {**self.best, "score": None}, "history": self.history,
         "skipped_steps": self.skipped_steps, "skipped_samples": self.skipped_samples,
         "skipped_files": self.skipped_files, "eval_skipped_files": self.eval_skipped_files,
-        "world_size": self.env.world_size,
+        "world_size": self.env.world_size, "auxiliary_tasks": list(self.cfg.train.auxiliary_tasks),
+        **({"relations": self.relations.summary()} if self.relations is not None else {}),
         "train_seconds": train_seconds,
         "step_ms_per_iter": self.step_seconds / max(self.iteration, 1) * 1e3,
         "data_wait_ms_per_iter": self.data_seconds / max(self.iteration, 1) * 1e3,

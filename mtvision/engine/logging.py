@@ -79,6 +79,10 @@ class ScalarWriter:
         """Write ``text`` under ``tag`` at ``step`` (TensorBoard's text tab)."""
         self.writer.add_text(tag, text, step)
 
+    def add_image(self, tag: str, image, step: int) -> None:
+        """Write an RGB ``uint8 [H,W,3]`` picture under ``tag`` at ``step``."""
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+
     def flush(self) -> None:
         self.writer.flush()
 

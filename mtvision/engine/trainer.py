@@ -46,6 +46,7 @@ class StepOutcome:
     stop: bool = False
     skipped_files: list[str] = field(default_factory=list)
     grad_norm: Optional[float] = None  # before clipping, when the balancer folded the clip in
+    gram: Optional[Tensor] = None  # the per-task Gramian (host), when the balancer computed it anyway
 
     def as_dict(self) -> dict[str, float]:
         """``values`` with ``skipped`` and ``stop`` as 0/1 (one flat row, e.g. for a table)."""
@@ -140,7 +141,15 @@ class Trainer:
         self.logger = self.writer = None  # rank 0's, set up by MetricWriterHook
         self._batches: Optional[Iterator[dict]] = None
         self._pending_skips: list[str] = []
-        self.hooks = [*default_hooks(console, progress), *hooks]
+        self.relations = None  # TaskRelations, when train.monitor_interval or train.affinity_interval is set
+        relation_hooks = []
+        if cfg.train.monitor_interval or cfg.train.affinity_interval:
+            from ..relations import TaskRelations
+            from ..relations.hook import TaskRelationHook
+
+            self.relations = TaskRelations(self.tasks)
+            relation_hooks = [TaskRelationHook()]
+        self.hooks = [*default_hooks(console, progress), *relation_hooks, *hooks]
         for hook in self.hooks:
             hook.trainer = self
 
@@ -236,7 +245,7 @@ class Trainer:
         self.iteration += 1
         if self.env.distributed and dropped > 0:  # every process's dropped samples, named everywhere
             files = [f for names in all_gather_objects(files) for f in names]
-        return StepOutcome(result.values, skip, stop > 0, files, result.grad_norm)
+        return StepOutcome(result.values, skip, stop > 0, files, result.grad_norm, result.gram)
 
     def after_step(self, outcome: StepOutcome) -> StepOutcome:
         """Every hook's ``after_step`` (counting, logging, evaluation, checkpoints) for a step taken."""
@@ -294,6 +303,8 @@ class Trainer:
                 batch = self._next_batches()
                 t1 = time.perf_counter()
                 try:
+                    for hook in self.hooks:
+                        hook.before_step(batch)
                     outcome = self.run_step(batch)
                 except BaseException:
                     self.data_position, self._batches = self.batch_position, None  # a resume retries it

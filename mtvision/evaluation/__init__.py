@@ -6,8 +6,8 @@ whose AP is not additive, gathers its per-image records instead), so results dep
 batch size nor on the number of processes.
 """
 
-from .delta import (DELTA_M_METRICS, HIGHER_IS_BETTER, delta_m, delta_m_metrics, delta_table, read_baselines, read_metrics,
-                    relative_changes)
+from .delta import (DELTA_M_METRICS, HIGHER_IS_BETTER, delta_m, delta_m_metrics, delta_table, read_auxiliary_tasks,
+                    read_baselines, read_metrics, relative_changes, without_tasks)
 from .depth import DepthMetric
 from .detection import DetectionMetric
 from .normals import NormalMetric
@@ -26,4 +26,6 @@ __all__ = [
     "delta_table",
     "read_baselines",
     "read_metrics",
+    "read_auxiliary_tasks",
+    "without_tasks",
 ]

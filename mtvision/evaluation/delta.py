@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["DELTA_M_METRICS", "delta_m_metrics", "HIGHER_IS_BETTER", "delta_m", "delta_table", "read_baselines", "read_metrics",
-           "relative_changes"]
+           "relative_changes", "read_auxiliary_tasks", "without_tasks"]
 
 #: The metrics Δm is taken over when a baseline is a whole metrics file (the NYUv2 / Cityscapes convention
 #: of MTAN, Nash-MTL and FAMO): segmentation mIoU and pixel accuracy, depth absolute and relative error,
@@ -179,6 +179,21 @@ def read_metrics(path) -> dict:
     ``{"seg/mIoU": 53.9, ...}`` (nested ``{"seg": {"mIoU": ...}}`` is flattened with ``/``).
     Values may be null (NaN in the run)."""
     return _load(path)[0]
+
+
+def read_auxiliary_tasks(path) -> list[str]:
+    """The ``train.auxiliary_tasks`` a tools/train.py ``metrics.json`` records (trained, but left out of
+    the score and of Δm); empty for any other metrics file."""
+    data = json.loads(Path(path).read_text())
+    aux = data.get("auxiliary_tasks") if isinstance(data, Mapping) else None
+    return [str(t) for t in aux] if isinstance(aux, list) else []
+
+
+def without_tasks(metrics: Mapping, tasks: Sequence[str]) -> dict:
+    """``metrics`` (flat ``"task/metric"`` keys) without the keys of ``tasks``: the auxiliary tasks that Δm
+    leaves out."""
+    drop = set(tasks)
+    return {k: v for k, v in _flatten(metrics).items() if k.split("/", 1)[0] not in drop}
 
 
 def read_baselines(paths: Sequence, metrics: Sequence[str] | None = None) -> dict[str, float]:

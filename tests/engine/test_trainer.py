@@ -9,6 +9,7 @@ import torch
 from mtvision.config import ConfigError, load_config
 from mtvision.engine import Trainer, primary_score
 from mtvision.engine.checkpoint import load_checkpoint
+from mtvision.engine.hooks import HookBase
 from mtvision.engine.utils import clip_grad_norm
 
 from .helpers import tiny_config
@@ -158,3 +159,67 @@ def test_train_step_after_eval_trains_in_training_mode(tmp_path, balancer):
         return _params(trainer.model)
 
     assert all(torch.equal(p, q) for p, q in zip(one_step(False), one_step(True)))
+
+
+class _FailAfterStep(HookBase):
+    """Raises after step ``at`` (after the built-in hooks, so a checkpoint due at ``at`` was written)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def after_step(self, outcome) -> None:
+        if self.trainer.iteration == self.at:
+            raise RuntimeError(f"failing after step {self.at}")
+
+
+def _record_saves(trainer) -> list:
+    saves, real = [], trainer.save
+
+    def save(name, *args, gather=True, **kwargs):
+        saves.append((name, trainer.iteration, gather))
+        return real(name, *args, gather=gather, **kwargs)
+
+    trainer.save = save
+    return saves
+
+
+@pytest.mark.parametrize("fail_at,saves_expected", [
+    (2, [("last", 2, True)]),  # the periodic checkpoint of step 2 is kept, not overwritten
+    (3, [("last", 2, True), ("last", 3, False)]),  # one step more than last.pth: the crash save keeps it
+])
+def test_a_failure_right_after_a_checkpoint_keeps_it(tmp_path, fail_at, saves_expected):
+    """The crash save writes rank 0's random state only (no collectives after a failure); when last.pth
+    already holds the failed iteration with every rank's state (a peer died right after a checkpoint),
+    overwriting it would lose those states for nothing. Seen under torchrun: a killed worker made rank 0
+    replace the checkpoint of the same step with a one-rank one, and the restarted run warned that the
+    random states restart from rank 0's."""
+    cfg = tiny_config(tmp_path, ["train.max_iters=4", "train.checkpoint_interval=2", "train.eval_interval=100"])
+    t = Trainer(cfg, hooks=[_FailAfterStep(fail_at)])
+    saves = _record_saves(t)
+    with pytest.raises(RuntimeError, match=f"failing after step {fail_at}"):
+        t.train()
+    assert saves == saves_expected
+    ckpt = tmp_path / "work" / "checkpoints" / "last.pth"
+    assert load_checkpoint(ckpt)["iteration"] == fail_at
+    (line,) = [x for x in (tmp_path / "work" / "train.log").read_text().splitlines() if "run failed" in x]
+    reason = f"run failed at iteration {fail_at} (RuntimeError: failing after step {fail_at}); "
+    assert reason in line
+    assert ("already holds this iteration" in line) == (fail_at == 2), line
+
+
+def test_a_failure_in_the_first_step_after_resuming_keeps_the_resumed_last_pth(tmp_path):
+    cfg = tiny_config(tmp_path, ["train.max_iters=4", "train.checkpoint_interval=2", "train.eval_interval=100"])
+    with pytest.raises(RuntimeError):
+        Trainer(cfg, hooks=[_FailAfterStep(3)]).train()  # last.pth at step 3 (the crash save)
+    t = Trainer(cfg)
+    t.resume(tmp_path / "work" / "checkpoints" / "last.pth")
+
+    def fail(batch):
+        raise RuntimeError("the first step fails")
+
+    t.run_step = fail
+    saves = _record_saves(t)
+    with pytest.raises(RuntimeError, match="the first step fails"):
+        t.train()
+    assert saves == []
+    assert load_checkpoint(tmp_path / "work" / "checkpoints" / "last.pth")["iteration"] == 3
