@@ -1,0 +1,82 @@
+"""tools/task_affinity.py and tools/task_groups.py on the tiny experiment; the affinity under torchrun
+equals one process on the same global batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..engine.helpers import write_tiny_config
+from ..multiprocess import torchrun
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+# GroupNorm: no batch statistics, so two processes of half batches compute what one process does
+GROUPNORM = ["model.backbone.timm_kwargs={norm_layer: groupnorm1}"]
+
+
+def _run(*args):
+    out = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_task_affinity_writes_the_matrices_groupings_and_pictures(tmp_path):
+    cfg = write_tiny_config(tmp_path)
+    out = _run(ROOT / "tools" / "task_affinity.py", cfg, "--out", tmp_path / "aff", "--iters", 4, "--every", 2,
+               "--no-progress")
+    result = json.loads((tmp_path / "aff" / "affinity.json").read_text())
+    assert result["tasks"] == ["seg", "depth", "normal"]
+    assert result["affinity_measurements"] == 2 and result["gradient_measurements"] == 2
+    for key in ("affinity", "cosine", "conflict_fraction"):
+        assert len(result[key]) == 3 and all(len(row) == 3 for row in result[key]), key
+    assert sorted(result["groupings"]) == ["1", "2", "3"]
+    assert result["groupings"]["1"]["groups"] == [["seg", "depth", "normal"]]
+    for name in ("affinity.png", "cosine.png"):
+        assert (tmp_path / "aff" / name).stat().st_size > 1000
+    assert "lookahead affinity" in out.stdout and "k=2:" in out.stdout
+
+
+def test_task_groups_trains_every_group_and_ranks_the_groupings(tmp_path):
+    cfg = write_tiny_config(tmp_path)
+    over = ["data.tasks=[seg,depth]", "model.heads={seg: {name: segmentation, num_classes: 6, channels: 16}, "
+            "depth: {name: depth, channels: 16}}", "train.max_iters=2", "train.eval_interval=2"]
+    _run(ROOT / "tools" / "task_affinity.py", cfg, *over, "--out", tmp_path / "aff", "--iters", 2, "--every", 1,
+         "--no-progress")
+    out = _run(ROOT / "tools" / "task_groups.py", cfg, *over, "--out", tmp_path / "groups", "--k", 2,
+               "--affinity", tmp_path / "aff" / "affinity.json")
+    for run in ("seg", "depth", "seg+depth"):
+        assert (tmp_path / "groups" / run / "metrics.json").is_file(), run
+    result = json.loads((tmp_path / "groups" / "groupings.json").read_text())
+    groupings = [r["groups"] for r in result["groupings"]]
+    assert [["seg"], ["depth"]] in groupings and [["seg", "depth"]] in groupings  # both partitions
+    # the two single-task models are the baselines: that grouping's Δm is 0 by definition
+    (singles,) = [r for r in result["groupings"] if r["groups"] == [["seg"], ["depth"]]]
+    assert singles["delta_m"] == pytest.approx(0.0, abs=1e-12)
+    (predicted,) = [r for r in result["groupings"] if r["predicted"]]  # TAG's pick (it may overlap)
+    chosen = json.loads((tmp_path / "aff" / "affinity.json").read_text())["groupings"]["2"]
+    assert predicted["groups"] == chosen["groups"]
+    assert result["groupings"] == sorted(result["groupings"], key=lambda r: r["delta_m"])
+    assert "← predicted" in out.stdout
+
+
+@pytest.mark.distributed
+def test_affinity_under_torchrun_equals_one_process(tmp_path):
+    cfg = write_tiny_config(tmp_path)
+    args = ["--iters", "3", "--every", "1", "--no-progress", *GROUPNORM, "optimizer.name=sgd"]
+    _run(ROOT / "tools" / "task_affinity.py", cfg, "--out", tmp_path / "one", *args)
+    torchrun(2, "task_affinity.py", str(cfg), "--out", str(tmp_path / "two"), *args)
+    one = json.loads((tmp_path / "one" / "affinity.json").read_text())
+    two = json.loads((tmp_path / "two" / "affinity.json").read_text())
+    assert one["affinity_measurements"] == two["affinity_measurements"] == 3
+    for key in ("affinity", "cosine"):
+        for a, b in zip(one[key], two[key]):
+            assert b == pytest.approx(a, rel=1e-4, abs=1e-7), key

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Train every group of tasks and rank the task groupings by Δm, to check a predicted grouping:
+``python tools/task_groups.py CONFIG --out DIR [--affinity AFFINITY.json] [--k 2] [key=value ...]``.
+
+``CONFIG`` is a multi-task config; every non-empty subset of its ``data.tasks`` is trained with the
+config's model (the heads of those tasks only) through ``tools/train.py`` into ``DIR/<tasks>/`` (a run
+whose ``metrics.json`` exists is not trained again, an interrupted one resumes). A grouping is a set of at
+most ``--k`` groups covering the tasks, each task's prediction taken from one of the groups it is in; its
+Δm (percent, lower is better) is against the single-task runs (the one-task subsets), over the Δm
+metrics of every task. Prints every grouping's Δm (partitions, and the overlapping grouping of
+``--affinity``'s ``groupings[k]`` when given: ``tools/task_affinity.py``'s output), best first, marking
+the predicted one, and writes ``DIR/groupings.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mtvision.config import config_from_dict, config_to_dict, load_config, save_config
+from mtvision.engine import write_json
+from mtvision.engine.cli import exit_on_user_error
+from mtvision.evaluation import delta_m_metrics, read_metrics, relative_changes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(group) -> str:
+    return "+".join(group)
+
+
+def _partitions(items: list, k: int):
+    """Every partition of ``items`` into at most ``k`` non-empty blocks."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _partitions(rest, k):
+        for i in range(len(part)):
+            yield part[:i] + [[first, *part[i]]] + part[i + 1:]
+        if len(part) < k:
+            yield [[first], *part]
+
+
+def train_group(cfg_dict: dict, group: list[str], out: Path, seed_log) -> dict:
+    """Train ``group`` (the config's model with those heads) into ``out / name``; its final metrics."""
+    work = out / _name(group)
+    metrics_file = work / "metrics.json"
+    if not metrics_file.is_file():
+        raw = json.loads(json.dumps(cfg_dict))
+        raw["work_dir"] = str(work)
+        raw["data"]["tasks"] = list(group)
+        raw["model"]["heads"] = {t: raw["model"]["heads"][t] for t in group}
+        raw["train"]["auxiliary_tasks"] = []
+        raw["loss"]["weights"] = {t: w for t, w in raw["loss"].get("weights", {}).items() if t in group}
+        work.mkdir(parents=True, exist_ok=True)
+        config = work.parent / f"{_name(group)}.yaml"
+        save_config(config_from_dict(raw, str(config)), config)
+        resume = ["--resume"] if (work / "checkpoints" / "last.pth").is_file() else []
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), str(config), "--no-progress",
+                               *resume], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"training {_name(group)} failed (exit {done.returncode}); see {work / 'train.log'}"
+                               f"\n{done.stderr[-2000:]}")
+        print(f"trained {_name(group)} in {time.perf_counter() - t0:.0f}s", file=seed_log, flush=True)
+    return read_metrics(metrics_file)
+
+
+def grouping_delta(grouping: list[list[str]], served_by: dict[str, int], runs: dict, baselines: dict) -> float:
+    """Δm of a grouping: each task's Δm metrics from the run of the group serving it."""
+    results = {}
+    for task, g in served_by.items():
+        metrics = runs[_name(grouping[g])]
+        results.update({k: v for k, v in metrics.items() if k.split("/", 1)[0] == task})
+    terms = relative_changes(results, baselines)
+    return sum(terms.values()) / len(terms)
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("config", help="the multi-task experiment config")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--k", type=int, default=2, help="the budget of networks (default 2)")
+    parser.add_argument("--affinity", type=Path, help="tools/task_affinity.py's affinity.json")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    tasks = list(cfg.data.tasks)
+    cfg_dict = config_to_dict(cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for size in range(1, len(tasks) + 1):
+        for group in itertools.combinations(tasks, size):
+            runs[_name(group)] = train_group(cfg_dict, list(group), args.out, sys.stderr)
+    wanted = [k for k in delta_m_metrics() if k.split("/", 1)[0] in tasks]
+    baselines = {k: runs[k.split("/", 1)[0]][k] for k in wanted if k in runs[k.split("/", 1)[0]]}
+    rows = []
+    for part in _partitions(tasks, args.k):
+        part = [sorted(b, key=tasks.index) for b in part]
+        served = {t: i for i, b in enumerate(part) for t in b}
+        rows.append({"groups": part, "served_by": served,
+                     "delta_m": grouping_delta(part, served, runs, baselines), "predicted": False})
+    predicted = None
+    if args.affinity:
+        chosen = json.loads(args.affinity.read_text())["groupings"][str(args.k)]
+        predicted = {"groups": chosen["groups"], "served_by": chosen["served_by"], "predicted": True}
+        predicted["delta_m"] = grouping_delta(chosen["groups"], chosen["served_by"], runs, baselines)
+        same = [r for r in rows if sorted(map(tuple, r["groups"])) == sorted(map(tuple, chosen["groups"]))]
+        if same:
+            same[0]["predicted"] = True
+        else:
+            rows.append(predicted)
+    rows.sort(key=lambda r: r["delta_m"])
+    print(f"| rank | grouping (k ≤ {args.k}) | Δm % ↓ |\n|---|---|---|")
+    for i, r in enumerate(rows, 1):
+        groups = " ".join("{" + ", ".join(g) + "}" for g in r["groups"])
+        print(f"| {i} | {groups}{' ← predicted' if r['predicted'] else ''} | {r['delta_m']:+.2f} |")
+    write_json({"tasks": tasks, "k": args.k, "baselines": baselines, "groupings": rows,
+                "runs": {n: {k: v for k, v in m.items() if k in wanted} for n, m in runs.items()}},
+               args.out / "groupings.json")
+    print(f"wrote {args.out / 'groupings.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
