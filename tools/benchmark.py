@@ -1,7 +1,7 @@
 """Speed of mtvision's custom ops against their eager PyTorch baselines, measured in the same run.
 
     python tools/benchmark.py [--device cpu|cuda|all] [--repeats 15] [--json FILE]
-                              [--only loss|aggregation|solve|step|switches|data|inference]
+                              [--only loss|aggregation|solve|step|monitor|switches|data|inference]
 
 Each row: median wall time of forward+backward over `--repeats` runs after warm-up, the ratio
 eager/fused, and the peak extra memory of one forward+backward (CPU: peak RSS growth, measured in a
@@ -13,6 +13,8 @@ the operator calls each makes (``step_ops``, ``floor_ops``: the host work a laun
 waits for); a second setup shrinks the model and images until the host's work per operator call is
 what a step costs, as on a GPU bound by kernel launches, so that regime is measurable on any machine.
 The solve rows time each gradient method's T x T solve on the host.
+The monitor rows time EW training with the task-relation monitor (and the lookahead affinity) every 10
+steps against plain EW, over blocks of 10 steps.
 The switch rows time one training step per precision / memory-format / compile setting as a ratio to
 fp32. The data rows time NYUv2-size samples per second through the dataset path in one process (one worker).
 The inference rows time the synthetic 3-task ResNet-18 model's forward pass (no gradient) at the NYUv2
@@ -522,6 +524,64 @@ def per_task_passes(trainer, batch):
     return sequential, batched
 
 
+# The issue's limit: EW with the gradient monitor every 10 steps, against EW, over those 10 steps
+MONITOR_LIMIT = 1.1
+
+
+def bench_monitor(device, repeats):
+    """EW training with the task-relation monitor every 10 steps (``train.monitor_interval=10``: the
+    Gramian of the per-task gradients, measured within the step) and with the lookahead affinity too
+    (``train.affinity_interval=10``), against plain EW: blocks of 10 steps (one of them measuring) timed
+    in interleaved rounds, per ``STEP_SETUPS`` model."""
+    from mtvision.config import load_config
+    from mtvision.engine import Trainer
+    from mtvision.relations.hook import TaskRelationHook
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = [f"train.device={device}", "data.num_workers=0", "train.log_interval=1000"]
+    if device == "cuda":
+        base.append("train.amp=bf16")
+    rounds = max(3, repeats if device == "cuda" else repeats // 3)
+    variants = {"ew": [], "monitor": ["train.monitor_interval=10"],
+                "monitor+affinity": ["train.monitor_interval=10", "train.affinity_interval=10"]}
+    rows = []
+    for setup in STEP_SETUPS:
+        trainers, batch = {}, None
+        for name, extra in variants.items():
+            cfg = load_config(os.path.join(root, "configs/synthetic/mtl_resnet18.yaml"),
+                              [*base, *setup.overrides, *extra])
+            trainers[name] = Trainer(cfg, console=False, progress=False)
+            batch = batch if batch is not None else next(iter(trainers[name].train_loader))
+
+        def ten_steps(trainer):
+            hooks = [h for h in trainer.hooks if isinstance(h, TaskRelationHook)]
+            for h in hooks:
+                h.before_train()
+
+            def run():
+                for _ in range(10):  # trainer.iteration advances: exactly one of 10 consecutive steps measures
+                    for h in hooks:
+                        h.before_step(batch)
+                    out = trainer.run_step(batch)
+                    for h in hooks:
+                        h.after_step(out)
+            return run
+
+        times = paired_ratios({n: ten_steps(t) for n, t in trainers.items()}, device, rounds, 1, warmup=1)
+        ew_ms = 1e3 * statistics.median(times["ew"]) / 10
+        for name in ("monitor", "monitor+affinity"):
+            ratio = median_ratio(times[name], times["ew"])
+            row = {"op": f"EW, {name} every 10 steps", "shape": setup.shape, "device": device,
+                   "step_ms": 1e3 * statistics.median(times[name]) / 10, "ew_step_ms": ew_ms,
+                   "ratio_to_ew": ratio}
+            if name == "monitor":
+                row["limit"] = f"ratio_to_ew <= {MONITOR_LIMIT}"
+                row["within"] = ratio <= MONITOR_LIMIT
+            rows.append(row)
+        del trainers
+    return rows
+
+
 # (row name, config overrides): the precision and speed switches of train.*; fp16 needs CUDA
 SWITCHES = [("fp32 (none)", []), ("channels_last", ["train.channels_last=true"]),
             ("bf16 autocast", ["train.amp=bf16"]), ("bf16 + channels_last", ["train.amp=bf16", "train.channels_last=true"]),
@@ -732,8 +792,8 @@ def main(argv=None):
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--only", choices=["loss", "aggregation", "solve", "step", "switches", "data",
-                                           "inference"], help="run one group of rows")
+    parser.add_argument("--only", choices=["loss", "aggregation", "solve", "step", "monitor", "switches",
+                                           "data", "inference"], help="run one group of rows")
     parser.add_argument("--methods", nargs="+", metavar="NAME:LEVEL",
                         help="step rows of these methods only (e.g. dbmtl:param graddrop:rep gls:loss)")
     parser.add_argument("--_memory-probe", nargs=5, help=argparse.SUPPRESS)
@@ -757,6 +817,8 @@ def main(argv=None):
             rows += bench_aggregation(device, args.repeats)
         if args.only in (None, "step"):
             rows += bench_training_step(device, args.repeats, args.methods)
+        if args.only in (None, "monitor"):
+            rows += bench_monitor(device, args.repeats)
         if args.only in (None, "switches"):
             rows += bench_switches(device, args.repeats)
         if args.only in (None, "inference"):

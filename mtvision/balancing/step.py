@@ -85,6 +85,11 @@ class Balancer:
         """The method's own trainable parameters (UW's log-variances), trained by the model's optimizer."""
         return []
 
+    def request_gramian(self) -> bool:
+        """Ask the next ``backward`` for the Gramian of the per-task gradients of the shared parameters
+        (``BalanceResult.gram``); False when this balancer cannot give it within its step."""
+        return False
+
     def forward(self, model: Callable[[Tensor], dict[str, Tensor]], images: Tensor) -> Forward:
         """The training forward of ``model`` (the plain module, or its DDP wrapper when ``uses_ddp``)."""
         return Forward(model(images))
@@ -133,12 +138,26 @@ class LossWeightingBalancer(Balancer):
     """
 
     def __init__(self, weighting, tasks: Sequence[str], last_shared: Callable[[], list[Tensor]],
-                 params: Sequence[Tensor]):
+                 params: Sequence[Tensor], shared: Sequence[Tensor] = ()):
         super().__init__(tasks)
         self.weighting = weighting
         self._last_shared = last_shared
         self._params = list(params)
+        self._shared = [p for p in shared if p.requires_grad]
+        self._gramian_requested = False
+        self._rows: Optional[Tensor] = None
         self.retains_graph = bool(weighting.requires_shared_parameters)
+
+    def request_gramian(self) -> bool:
+        """The next step also takes T - 1 per-task gradients of the shared parameters (backward passes
+        with the graph retained) before its own backward; the last task's follows from the step's
+        gradient ``sum_t w_t g_t`` (the methods' extra terms never reach the shared parameters), so a
+        measurement costs T - 1 backward passes. Exact under DDP: the rows are averaged over processes,
+        as DDP averages the step's gradient."""
+        if not self._shared:
+            return False
+        self._gramian_requested = True
+        return True
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.weighting.parameters() if p.requires_grad]
@@ -166,12 +185,56 @@ class LossWeightingBalancer(Balancer):
             return result
         if self.weighting.requires_shared_parameters:  # GradNorm: the last shared layer, graph alive
             self.weighting.pre_backward(losses, list(self._last_shared()))
+        measure, self._gramian_requested = self._gramian_requested, False
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        weights = host[T + 1: 2 * T + 1]
+        derived = max(range(T), key=lambda t: abs(weights[t]))  # its gradient follows from the step's
+        if measure:
+            rows = self._task_rows(losses, scale, skip=derived)
         (total if scaler is None else scaler.scale(total)).backward()
         if world_size() > 1:  # UW's log-variances are not in DDP: averaged here
             for p in self.parameters():
                 if p.grad is not None:
                     p.grad = mean_over_processes(p.grad)
+        if measure and weights[derived] != 0:
+            result.gram = self._gramian(rows, weights, derived, scale)
         return result
+
+    def _task_rows(self, losses: Tensor, scale: float, skip: int) -> Tensor:
+        """``[T, P]``: row t the gradient of ``scale * losses[t]`` w.r.t. the shared parameters, for every
+        task but ``skip`` (graph retained for the step's backward)."""
+        T, sizes = losses.numel(), [p.numel() for p in self._shared]
+        if self._rows is None or self._rows.shape != (T, sum(sizes)):
+            self._rows = self._shared[0].new_empty(T, sum(sizes))
+        for t in range(T):
+            if t == skip:
+                continue
+            grads = torch.autograd.grad(losses[t] * scale, self._shared, retain_graph=True, allow_unused=True)
+            for chunk, g in zip(torch.split(self._rows[t], sizes), grads):
+                if g is None:  # a shared parameter this task does not reach
+                    chunk.zero_()
+                else:
+                    chunk.copy_(g.reshape(-1))
+        return self._rows
+
+    def _gramian(self, rows: Tensor, weights: Sequence[float], derived: int, scale: float) -> Tensor:
+        """The rows averaged over processes, the ``derived`` one from the step's gradient (DDP averaged
+        it), and their Gramian (unscaled, float64 on the host)."""
+        from ..ops import gram_matrix
+
+        others = [t for t in range(rows.shape[0]) if t != derived]
+        if world_size() > 1:
+            rows[others] = mean_over_processes(rows[others])
+        step = rows[derived]
+        for chunk, p in zip(torch.split(step, [q.numel() for q in self._shared]), self._shared):
+            if p.grad is None:
+                chunk.zero_()
+            else:
+                chunk.copy_(p.grad.reshape(-1))
+        for t in others:
+            step.add_(rows[t], alpha=-float(weights[t]))
+        step.div_(float(weights[derived]))
+        return (gram_matrix(rows).double() / (scale * scale)).cpu()
 
     def after_update(self, mean_losses, losses_after_update) -> None:
         new = losses_after_update() if self.weighting.requires_new_losses else None
@@ -214,7 +277,8 @@ def build_task_balancer(cfg, model, tasks: Sequence[str]) -> Balancer:
             raise ConfigError(f"balancer.level: {cfg.balancer.level!r} is for gradient methods; "
                               f"{name!r} weights losses")
         return LossWeightingBalancer(method, tasks, model.last_shared_parameters,
-                                     [p for p in model.parameters() if p.requires_grad])
+                                     [p for p in model.parameters() if p.requires_grad],
+                                     shared=list(model.shared_parameters()))
     if cfg.balancer.level not in method.levels:
         raise ConfigError(f"balancer.level: {name!r} is defined at the {' / '.join(method.levels)} level "
                           f"only, got {cfg.balancer.level!r}")

@@ -106,6 +106,8 @@ class Trainer:
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train.max_iters)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        if cfg.train.monitor_interval and not self.balancer.provides_gramian:
+            self.balancer.retains_graph = True  # the measuring steps take per-task backward passes
         if cfg.train.compile:
             compile_model(self.model, self.balancer.retains_graph)
         self.forward_model = self.model  # what the training forward calls
@@ -149,7 +151,8 @@ class Trainer:
 
             self.relations = TaskRelations(self.tasks)
             relation_hooks = [TaskRelationHook()]
-        self.hooks = [*default_hooks(console, progress), *relation_hooks, *hooks]
+        # before the built-in hooks: a step's measurement is recorded before its checkpoint is written
+        self.hooks = [*relation_hooks, *default_hooks(console, progress), *hooks]
         for hook in self.hooks:
             hook.trainer = self
 

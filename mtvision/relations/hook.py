@@ -40,10 +40,13 @@ def relations_table(summary: dict) -> str:
 
 class TaskRelationHook(HookBase):
     """Measures the task relations every ``train.monitor_interval`` / ``train.affinity_interval`` steps
-    (``mtvision.relations``), before the step, on the step's batch (the first one of a method that draws
-    several) and at the parameters the step starts from. A gradient method whose Gramian is that of the raw
-    task gradients (``Balancer.provides_gramian``) gives the gradient statistics of every step instead, at
-    no cost. Every process measures (the probe averages over processes); rank 0 writes."""
+    (``mtvision.relations``), on the step's batch (the first one of a method that draws several) and at
+    the parameters the step starts from. The gradient statistics come, cheapest first: from every step of
+    a gradient method whose Gramian is that of the raw task gradients (``Balancer.provides_gramian``: no
+    cost); from within the step of a loss weighting (``Balancer.request_gramian``: T - 1 backward passes
+    more); else from the probe before the step (one forward and T backward passes), which also gives the
+    lookahead affinity (T forwards more). Every process measures (averaged over processes); rank 0
+    writes."""
 
     def __init__(self):
         self.probe: TaskGradientProbe | None = None
@@ -62,6 +65,8 @@ class TaskRelationHook(HookBase):
         t = self.trainer
         step = t.iteration + 1
         grads = self._due(self.monitor, step) and not self.free
+        if grads and t.balancer.request_gramian():  # measured within the step (a loss weighting)
+            grads = False
         affinity = self._due(self.affinity, step)
         if not (grads or affinity):
             return
@@ -87,7 +92,7 @@ class TaskRelationHook(HookBase):
             self._write_affinity(step, result, lr)
 
     def after_step(self, outcome) -> None:
-        if not (self.free and self.monitor and outcome.gram is not None):
+        if not (self.monitor and outcome.gram is not None):
             return
         t = self.trainer
         if t.relations.add_gram(outcome.gram) and self._due(self.monitor, t.iteration):

@@ -77,6 +77,21 @@ def test_a_gradient_method_gives_every_step_s_gramian_for_free(tmp_path):
         torch.testing.assert_close(stepped, measured, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method,kwargs", [("ew", []), ("uw", []), ("rlw", []), ("gradnorm", []),
+                                           ("ew", ["loss.weights={seg: 2.0, depth: 0.0, normal: 0.5}"])])
+def test_a_loss_weighting_measures_the_gramian_within_its_step(tmp_path, method, kwargs):
+    """T - 1 per-task passes and the step's own gradient give the Gramian the probe measures on the same
+    batch and parameters (the weights are not all 1: UW, RLW, GradNorm, static weights with a zero)."""
+    probe_hook = _ProbeBeforeStep()
+    t = Trainer(tiny_config(tmp_path, [*SHORT, f"balancer.name={method}", "train.monitor_interval=1",
+                                       "train.grad_clip=null", *kwargs]), hooks=[probe_hook])
+    assert not t.balancer.provides_gramian
+    t.train()
+    assert t.relations.gradient_steps == 4
+    for measured, stepped in probe_hook.pairs:
+        torch.testing.assert_close(stepped, measured, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["moco", "sdmgrad"])
 def test_methods_whose_gramian_is_not_the_raw_one_are_probed(tmp_path, method):
     """MoCo combines tracked gradients and SDMGrad draws three batches: their step's Gramian is not that
