@@ -194,3 +194,15 @@ def test_eval_cityscapes_export_matches_the_official_script(tmp_path, capsys):
     rc = _tool("eval").main([str(config), "--checkpoint", ckpt, "--cityscapes-export", str(export),
                              "data.num_classes=7"])
     assert rc == 2 and "data.num_classes is 7" in capsys.readouterr().err
+
+
+def test_delta_leaves_out_the_auxiliary_tasks_a_run_records(files, tmp_path, capsys):
+    """A run that trained depth as an auxiliary task (its metrics.json says so): Δm over seg only, for
+    every row, with a note; the same numbers as Δm against the seg baselines alone."""
+    aux = write(tmp_path / "aux.json", {"final": {"seg/mIoU": 55.0, "seg/pixAcc": 88.0, "depth/abs_err": 0.9,
+                                                  "depth/rel_err": 0.9}, "auxiliary_tasks": ["depth"]})
+    assert _tool("delta").main([str(aux), "--baselines", *map(str, files["stl"])]) == 0
+    out = capsys.readouterr()
+    assert "auxiliary task(s) depth" in out.err and "left out of Δm" in out.err
+    want = delta_m({"seg/mIoU": 55.0, "seg/pixAcc": 88.0}, {"seg/mIoU": 50.0, "seg/pixAcc": 80.0})
+    assert f"{want:+.2f} |" in out.out and "depth/abs_err" not in out.out

@@ -3,11 +3,13 @@
 ``python tools/task_groups.py CONFIG --out DIR [--affinity AFFINITY.json] [--k 2] [key=value ...]``.
 
 ``CONFIG`` is a multi-task config; every non-empty subset of its ``data.tasks`` is trained with the
-config's model (the heads of those tasks only) through ``tools/train.py`` into ``DIR/<tasks>/`` (a run
+config's model (the heads of those tasks only) through ``tools/train.py`` into ``DIR/seed<k>/<tasks>/``,
+once per ``--seeds`` seed (a run
 whose ``metrics.json`` exists is not trained again, an interrupted one resumes). A grouping is a set of at
 most ``--k`` groups covering the tasks, each task's prediction taken from one of the groups it is in; its
-Δm (percent, lower is better) is against the single-task runs (the one-task subsets), over the Δm
-metrics of every task. Prints every grouping's Δm (partitions, and the overlapping grouping of
+Δm (percent, lower is better) is against the single-task runs (the one-task subsets, averaged over
+seeds), over the Δm metrics of every task; with several seeds, the mean and standard deviation of each
+seed's Δm. Prints every grouping's Δm (partitions, and the overlapping grouping of
 ``--affinity``'s ``groupings[k]`` when given: ``tools/task_affinity.py``'s output), best first, marking
 the predicted one, and writes ``DIR/groupings.json``.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -91,40 +94,51 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--k", type=int, default=2, help="the budget of networks (default 2)")
     parser.add_argument("--affinity", type=Path, help="tools/task_affinity.py's affinity.json")
+    parser.add_argument("--seeds", type=int, nargs="+", help="train every group once per seed (default: the "
+                        "config's seed); Δm is the mean over seeds, ± their standard deviation")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     tasks = list(cfg.data.tasks)
-    cfg_dict = config_to_dict(cfg)
+    seeds = args.seeds or [cfg.seed]
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = {}
-    for size in range(1, len(tasks) + 1):
-        for group in itertools.combinations(tasks, size):
-            runs[_name(group)] = train_group(cfg_dict, list(group), args.out, sys.stderr)
+    runs: dict[int, dict] = {}
+    for seed in seeds:
+        cfg_dict = config_to_dict(load_config(args.config, [*args.overrides, f"seed={seed}"]))
+        runs[seed] = {}
+        for size in range(1, len(tasks) + 1):
+            for group in itertools.combinations(tasks, size):
+                runs[seed][_name(group)] = train_group(cfg_dict, list(group), args.out / f"seed{seed}", sys.stderr)
     wanted = [k for k in delta_m_metrics() if k.split("/", 1)[0] in tasks]
-    baselines = {k: runs[k.split("/", 1)[0]][k] for k in wanted if k in runs[k.split("/", 1)[0]]}
+    # the single-task models, averaged over seeds: every seed's groupings are compared with them
+    baselines = {k: statistics.mean(runs[s][k.split("/", 1)[0]][k] for s in seeds) for k in wanted
+                 if k in runs[seeds[0]][k.split("/", 1)[0]]}
+
+    def row(groups, served, predicted):
+        per_seed = [grouping_delta(groups, served, runs[s], baselines) for s in seeds]
+        return {"groups": groups, "served_by": served, "delta_m": statistics.mean(per_seed),
+                "delta_m_std": statistics.stdev(per_seed) if len(seeds) > 1 else 0.0,
+                "delta_m_per_seed": per_seed, "predicted": predicted}
+
     rows = []
     for part in _partitions(tasks, args.k):
         part = [sorted(b, key=tasks.index) for b in part]
-        served = {t: i for i, b in enumerate(part) for t in b}
-        rows.append({"groups": part, "served_by": served,
-                     "delta_m": grouping_delta(part, served, runs, baselines), "predicted": False})
-    predicted = None
+        rows.append(row(part, {t: i for i, b in enumerate(part) for t in b}, False))
     if args.affinity:
         chosen = json.loads(args.affinity.read_text())["groupings"][str(args.k)]
-        predicted = {"groups": chosen["groups"], "served_by": chosen["served_by"], "predicted": True}
-        predicted["delta_m"] = grouping_delta(chosen["groups"], chosen["served_by"], runs, baselines)
         same = [r for r in rows if sorted(map(tuple, r["groups"])) == sorted(map(tuple, chosen["groups"]))]
         if same:
             same[0]["predicted"] = True
-        else:
-            rows.append(predicted)
+        else:  # overlapping groups: not a partition
+            rows.append(row(chosen["groups"], chosen["served_by"], True))
     rows.sort(key=lambda r: r["delta_m"])
     print(f"| rank | grouping (k ≤ {args.k}) | Δm % ↓ |\n|---|---|---|")
     for i, r in enumerate(rows, 1):
         groups = " ".join("{" + ", ".join(g) + "}" for g in r["groups"])
-        print(f"| {i} | {groups}{' ← predicted' if r['predicted'] else ''} | {r['delta_m']:+.2f} |")
-    write_json({"tasks": tasks, "k": args.k, "baselines": baselines, "groupings": rows,
-                "runs": {n: {k: v for k, v in m.items() if k in wanted} for n, m in runs.items()}},
+        spread = f" ± {r['delta_m_std']:.2f}" if len(seeds) > 1 else ""
+        print(f"| {i} | {groups}{' ← predicted' if r['predicted'] else ''} | {r['delta_m']:+.2f}{spread} |")
+    write_json({"tasks": tasks, "k": args.k, "seeds": seeds, "baselines": baselines, "groupings": rows,
+                "runs": {s: {n: {k: v for k, v in m.items() if k in wanted} for n, m in by.items()}
+                         for s, by in runs.items()}},
                args.out / "groupings.json")
     print(f"wrote {args.out / 'groupings.json'}")
     return 0

@@ -34,6 +34,7 @@ batch), e.g. on 4 GPUs of one machine, or on 2 machines (run on each):
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import sys
@@ -134,6 +135,12 @@ def main(argv=None) -> int:
         print(f"work dir: {trainer.work_dir}")
         return 0
     finally:
+        # The trainer (its hooks point back at it: a reference cycle) holds DDP's reducer, which holds the
+        # process group: left to the garbage collector, the group would be destroyed during interpreter
+        # shutdown, when its threads can no longer take the GIL (seen: a worker aborting with "terminate
+        # called without an active exception" after a finished run). Freed here, while all is alive.
+        trainer = None  # noqa: F841
+        gc.collect()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -54,7 +54,7 @@ def test_task_groups_trains_every_group_and_ranks_the_groupings(tmp_path):
     out = _run(ROOT / "tools" / "task_groups.py", cfg, *over, "--out", tmp_path / "groups", "--k", 2,
                "--affinity", tmp_path / "aff" / "affinity.json")
     for run in ("seg", "depth", "seg+depth"):
-        assert (tmp_path / "groups" / run / "metrics.json").is_file(), run
+        assert (tmp_path / "groups" / "seed0" / run / "metrics.json").is_file(), run
     result = json.loads((tmp_path / "groups" / "groupings.json").read_text())
     groupings = [r["groups"] for r in result["groupings"]]
     assert [["seg"], ["depth"]] in groupings and [["seg", "depth"]] in groupings  # both partitions
