@@ -41,7 +41,7 @@ demo: $(STAMP)
 test: pytest ctest
 
 pytest: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not distributed"

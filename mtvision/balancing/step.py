@@ -181,11 +181,11 @@ class LossWeightingBalancer(Balancer):
         result = BalanceResult(values, host[2 * T + 1:], skip=not math.isfinite(host[T]))
         for p in [*self._params, *self.parameters()]:
             p.grad = None
+        measure, self._gramian_requested = self._gramian_requested, False  # this step's, taken or not
         if result.skip:
             return result
         if self.weighting.requires_shared_parameters:  # GradNorm: the last shared layer, graph alive
             self.weighting.pre_backward(losses, list(self._last_shared()))
-        measure, self._gramian_requested = self._gramian_requested, False
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         weights = host[T + 1: 2 * T + 1]
         derived = max(range(T), key=lambda t: abs(weights[t]))  # its gradient follows from the step's

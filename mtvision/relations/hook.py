@@ -80,7 +80,8 @@ class TaskRelationHook(HookBase):
             return t.loss_fn.task_losses(outputs, data).float()
 
         lr = t.cfg.train.affinity_lr or float(t.optimizer.param_groups[0]["lr"])
-        result = self.probe.measure(task_losses, lr if affinity else None)
+        scale = float(t.scaler.get_scale()) if t.scaler.is_enabled() else 1.0  # fp16, as the step's backward
+        result = self.probe.measure(task_losses, lr if affinity else None, loss_scale=scale)
         if result is None:
             if t.logger is not None:
                 t.logger.warning("iter %d: task relations not measured (non-finite loss or gradient)", step)

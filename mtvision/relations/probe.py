@@ -89,23 +89,24 @@ class TaskGradientProbe:
             x.div_(self._world())
         return x
 
-    def measure(self, task_losses: Callable[[], Tensor], lookahead_lr: float | None = None
-                ) -> ProbeResult | None:
+    def measure(self, task_losses: Callable[[], Tensor], lookahead_lr: float | None = None,
+                loss_scale: float = 1.0) -> ProbeResult | None:
         """``task_losses()``: a training forward of the batch, returning the ``[T]`` task losses (graph
         alive); it runs once, then once more per task for the affinity (``lookahead_lr`` given: the SGD
-        step size of the lookahead). None when the losses or gradients are not finite (every process
-        agrees: they are averaged first)."""
+        step size of the lookahead). ``loss_scale``: the losses are scaled by it for the backward passes
+        (fp16 autocast: gradients that would underflow), the gradients unscaled after. None when the
+        losses or gradients are not finite (every process agrees: they are averaged first)."""
         rng = _RandomState()
         buffers = [b.detach().clone() for b in self.module.buffers()] if self.module is not None else []
         try:
-            return self._measure(task_losses, lookahead_lr, rng)
+            return self._measure(task_losses, lookahead_lr, rng, float(loss_scale))
         finally:
             rng.reset()
             if buffers:
                 with torch.no_grad():
                     torch._foreach_copy_(list(self.module.buffers()), buffers)
 
-    def _measure(self, task_losses, lookahead_lr, rng: _RandomState) -> ProbeResult | None:
+    def _measure(self, task_losses, lookahead_lr, rng: _RandomState, scale: float) -> ProbeResult | None:
         rng.reset()
         losses = task_losses()
         T = losses.numel()
@@ -115,7 +116,8 @@ class TaskGradientProbe:
             self._rows = torch.empty(T, sum(sizes), dtype=ref.dtype, device=ref.device)
         rows = self._rows
         for t in range(T):
-            grads = torch.autograd.grad(losses[t], self.shared, retain_graph=t < T - 1, allow_unused=True)
+            grads = torch.autograd.grad(losses[t] * scale, self.shared, retain_graph=t < T - 1,
+                                        allow_unused=True)
             for chunk, g in zip(torch.split(rows[t], sizes), grads):
                 if g is None:  # a parameter this task does not reach
                     chunk.zero_()
@@ -123,6 +125,8 @@ class TaskGradientProbe:
                     chunk.copy_(g.reshape(-1))
         base = self._mean_over_processes(losses.detach().double().reshape(-1))
         self._mean_over_processes(rows)
+        if scale != 1.0:
+            rows.div_(scale)
         gram = gram_matrix(rows).double()
         packed = torch.cat([base, gram.reshape(-1)]).cpu()
         base_host, gram_host = packed[:T], packed[T:].view(T, T)

@@ -135,3 +135,16 @@ def test_non_finite_losses_give_no_measurement():
     relations = TaskRelations(["a", "b"])
     assert not relations.add_gram(torch.full((2, 2), float("inf")))
     assert relations.gradient_steps == 0
+
+
+def test_a_loss_scale_gives_the_same_gramian():
+    """fp16 training scales the losses for the backward passes; the probe unscales the gradients."""
+    torch.manual_seed(0)
+    model = _Shared(2)
+    x = torch.randn(16, 6, dtype=torch.float64)
+    targets = [torch.randn(16, dtype=torch.float64) for _ in range(2)]
+    probe = TaskGradientProbe(model.shared_parameters(), model)
+    plain = probe.measure(lambda: _losses(model, x, targets), 0.1)
+    scaled = probe.measure(lambda: _losses(model, x, targets), 0.1, loss_scale=1024.0)
+    torch.testing.assert_close(scaled.gram, plain.gram, rtol=1e-12, atol=0)
+    torch.testing.assert_close(scaled.affinity, plain.affinity, rtol=1e-10, atol=1e-14)
