@@ -141,8 +141,8 @@ def _main(argv=None) -> int:
                "num_samples": len(dataset), "metrics": metrics}
     rc = 0
     if baselines is not None and cfg.train.auxiliary_tasks:
-        print(f"note: auxiliary task(s) {', '.join(cfg.train.auxiliary_tasks)} (train.auxiliary_tasks): left out "
-              f"of Δm", file=sys.stderr)
+        print(f"note: auxiliary task(s) {', '.join(cfg.train.auxiliary_tasks)} (train.auxiliary_tasks): "
+              f"left out of Δm", file=sys.stderr)
         baselines = without_tasks(baselines, cfg.train.auxiliary_tasks)
         metrics_for_delta = without_tasks(metrics, cfg.train.auxiliary_tasks)
     else:

@@ -52,10 +52,11 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
     iters = args.iters or cfg.train.max_iters
     if args.every > iters:
-        parser.error(f"--every {args.every} is more than the {iters} training steps: nothing would be measured")
-    extra = [f"work_dir={args.out / 'run'}", f"train.max_iters={iters}", f"train.affinity_interval={args.every}",
-             f"train.monitor_interval={args.every}", f"train.eval_interval={iters}",
-             f"train.checkpoint_interval={iters}"]
+        parser.error(f"--every {args.every} is more than the {iters} training steps: nothing would be "
+                     f"measured")
+    extra = [f"work_dir={args.out / 'run'}", f"train.max_iters={iters}",
+             f"train.affinity_interval={args.every}", f"train.monitor_interval={args.every}",
+             f"train.eval_interval={iters}", f"train.checkpoint_interval={iters}"]
     if args.lr is not None:
         extra.append(f"train.affinity_lr={args.lr}")
     cfg = apply_overrides(cfg, extra)

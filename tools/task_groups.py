@@ -69,13 +69,15 @@ def train_group(cfg_dict: dict, group: list[str], out: Path, seed_log) -> dict:
         done = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), str(config), "--no-progress",
                                *resume], cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"training {_name(group)} failed (exit {done.returncode}); see {work / 'train.log'}"
+            raise RuntimeError(f"training {_name(group)} failed (exit {done.returncode}); see "
+                               f"{work / 'train.log'}"
                                f"\n{done.stderr[-2000:]}")
         print(f"trained {_name(group)} in {time.perf_counter() - t0:.0f}s", file=seed_log, flush=True)
     return read_metrics(metrics_file)
 
 
-def grouping_delta(grouping: list[list[str]], served_by: dict[str, int], runs: dict, baselines: dict) -> float:
+def grouping_delta(grouping: list[list[str]], served_by: dict[str, int], runs: dict,
+                   baselines: dict) -> float:
     """Δm of a grouping: each task's Δm metrics from the run of the group serving it."""
     results = {}
     for task, g in served_by.items():
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
         runs[seed] = {}
         for size in range(1, len(tasks) + 1):
             for group in itertools.combinations(tasks, size):
-                runs[seed][_name(group)] = train_group(cfg_dict, list(group), args.out / f"seed{seed}", sys.stderr)
+                runs[seed][_name(group)] = train_group(cfg_dict, list(group), args.out / f"seed{seed}",
+                                                       sys.stderr)
     wanted = [k for k in delta_m_metrics() if k.split("/", 1)[0] in tasks]
     # the single-task models, averaged over seeds: every seed's groupings are compared with them
     baselines = {k: statistics.mean(runs[s][k.split("/", 1)[0]][k] for s in seeds) for k in wanted

@@ -190,7 +190,13 @@ class LossWeightingBalancer(Balancer):
         weights = host[T + 1: 2 * T + 1]
         derived = max(range(T), key=lambda t: abs(weights[t]))  # its gradient follows from the step's
         if measure:
-            rows = self._task_rows(losses, scale, skip=derived)
+            from .task_gradients import flat_task_gradients
+
+            T, P = losses.numel(), sum(p.numel() for p in self._shared)
+            if self._rows is None or self._rows.shape != (T, P):
+                self._rows = self._shared[0].new_empty(T, P)
+            rows = flat_task_gradients(losses, self._shared, self._rows, scale, skip=(derived,),
+                                       outputs=[forward.outputs[t] for t in self.tasks], keep_graph=True)
         (total if scaler is None else scaler.scale(total)).backward()
         if world_size() > 1:  # UW's log-variances are not in DDP: averaged here
             for p in self.parameters():
@@ -199,23 +205,6 @@ class LossWeightingBalancer(Balancer):
         if measure and weights[derived] != 0:
             result.gram = self._gramian(rows, weights, derived, scale)
         return result
-
-    def _task_rows(self, losses: Tensor, scale: float, skip: int) -> Tensor:
-        """``[T, P]``: row t the gradient of ``scale * losses[t]`` w.r.t. the shared parameters, for every
-        task but ``skip`` (graph retained for the step's backward)."""
-        T, sizes = losses.numel(), [p.numel() for p in self._shared]
-        if self._rows is None or self._rows.shape != (T, sum(sizes)):
-            self._rows = self._shared[0].new_empty(T, sum(sizes))
-        for t in range(T):
-            if t == skip:
-                continue
-            grads = torch.autograd.grad(losses[t] * scale, self._shared, retain_graph=True, allow_unused=True)
-            for chunk, g in zip(torch.split(self._rows[t], sizes), grads):
-                if g is None:  # a shared parameter this task does not reach
-                    chunk.zero_()
-                else:
-                    chunk.copy_(g.reshape(-1))
-        return self._rows
 
     def _gramian(self, rows: Tensor, weights: Sequence[float], derived: int, scale: float) -> Tensor:
         """The rows averaged over processes, the ``derived`` one from the step's gradient (DDP averaged

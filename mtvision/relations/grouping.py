@@ -68,7 +68,8 @@ def select_groups(affinity: Tensor, tasks: Sequence[str], k: int, overlap: bool 
     A = torch.as_tensor(affinity, dtype=torch.float64).cpu()
     T = len(tasks)
     if A.shape != (T, T):
-        raise ValueError(f"select_groups: affinity is {tuple(A.shape)}, expected ({T}, {T}) for tasks {list(tasks)}")
+        raise ValueError(f"select_groups: affinity is {tuple(A.shape)}, expected ({T}, {T}) for tasks "
+                         f"{list(tasks)}")
     if not 1 <= T <= MAX_TASKS:
         raise ValueError(f"select_groups: 1 to {MAX_TASKS} tasks, got {T}")
     if k < 1:

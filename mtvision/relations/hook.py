@@ -32,8 +32,10 @@ def relations_table(summary: dict) -> str:
                      + format_table(rows, {"mean cosine": cos, "conflicting": conflict}, row_title="tasks"))
     aff = summary.get("affinity")
     if aff:
-        columns = {f"onto {t}": {s: aff["mean"][i][j] for i, s in enumerate(tasks)} for j, t in enumerate(tasks)}
-        parts.append(f"lookahead affinity Z[step of row task -> loss of column task] ({aff['steps']} measurements)\n"
+        columns = {f"onto {t}": {s: aff["mean"][i][j] for i, s in enumerate(tasks)}
+                   for j, t in enumerate(tasks)}
+        parts.append(f"lookahead affinity Z[step of row task -> loss of column task] ({aff['steps']} "
+                     f"measurements)\n"
                      + format_table(tasks, columns, row_title="step of"))
     return "\n\n".join(parts)
 
@@ -77,7 +79,7 @@ class TaskRelationHook(HookBase):
         def task_losses():
             with t.autocast():
                 outputs = t.model(data["image"])
-            return t.loss_fn.task_losses(outputs, data).float()
+            return t.loss_fn.task_losses(outputs, data).float(), [outputs[name] for name in t.tasks]
 
         lr = t.cfg.train.affinity_lr or float(t.optimizer.param_groups[0]["lr"])
         scale = float(t.scaler.get_scale()) if t.scaler.is_enabled() else 1.0  # fp16, as the step's backward
@@ -119,9 +121,9 @@ class TaskRelationHook(HookBase):
         if t.writer is None:
             return
         tasks, rel = t.tasks, t.relations
-        t.writer.add_scalars("relations/affinity", {f"{a}->{b}": float(result.affinity[i, j])
-                                                    for i, a in enumerate(tasks) for j, b in enumerate(tasks)},
-                             step)
+        pairs = {f"{a}->{b}": float(result.affinity[i, j])
+                 for i, a in enumerate(tasks) for j, b in enumerate(tasks)}
+        t.writer.add_scalars("relations/affinity", pairs, step)
         t.writer.add_image("relations/mean_affinity", heatmap(
             rel.mean_affinity, tasks, f"mean lookahead affinity (lr {lr:.3g}), {rel.affinity_steps} steps",
             row_title="row: the task whose step is taken"), step)

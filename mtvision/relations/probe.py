@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..balancing.task_gradients import flat_task_gradients
 from ..distributed import world_size
 from ..ops import gram_matrix
 
@@ -92,9 +93,11 @@ class TaskGradientProbe:
     def measure(self, task_losses: Callable[[], Tensor], lookahead_lr: float | None = None,
                 loss_scale: float = 1.0) -> ProbeResult | None:
         """``task_losses()``: a training forward of the batch, returning the ``[T]`` task losses (graph
-        alive); it runs once, then once more per task for the affinity (``lookahead_lr`` given: the SGD
-        step size of the lookahead). ``loss_scale``: the losses are scaled by it for the backward passes
-        (fp16 autocast: gradients that would underflow), the gradients unscaled after. None when the
+        alive), or ``(losses, outputs)`` with each task's prediction when task t's loss depends on
+        ``outputs[t]`` only (the per-task passes then start there); it runs once, then once more per
+        task for the affinity (``lookahead_lr`` given: the SGD step size of the lookahead).
+        ``loss_scale``: the losses are scaled by it for the backward passes (fp16 autocast: gradients that
+        would underflow), the gradients unscaled after. None when the
         losses or gradients are not finite (every process agrees: they are averaged first)."""
         rng = _RandomState()
         buffers = [b.detach().clone() for b in self.module.buffers()] if self.module is not None else []
@@ -106,23 +109,20 @@ class TaskGradientProbe:
                 with torch.no_grad():
                     torch._foreach_copy_(list(self.module.buffers()), buffers)
 
+    @staticmethod
+    def _call(task_losses) -> tuple[Tensor, list[Tensor] | None]:
+        out = task_losses()
+        return (out[0], list(out[1])) if isinstance(out, tuple) else (out, None)
+
     def _measure(self, task_losses, lookahead_lr, rng: _RandomState, scale: float) -> ProbeResult | None:
         rng.reset()
-        losses = task_losses()
+        losses, outputs = self._call(task_losses)
         T = losses.numel()
         sizes = [p.numel() for p in self.shared]
         ref = self.shared[0]
         if self._rows is None or self._rows.shape != (T, sum(sizes)):
             self._rows = torch.empty(T, sum(sizes), dtype=ref.dtype, device=ref.device)
-        rows = self._rows
-        for t in range(T):
-            grads = torch.autograd.grad(losses[t] * scale, self.shared, retain_graph=t < T - 1,
-                                        allow_unused=True)
-            for chunk, g in zip(torch.split(rows[t], sizes), grads):
-                if g is None:  # a parameter this task does not reach
-                    chunk.zero_()
-                else:
-                    chunk.copy_(g.reshape(-1))
+        rows = flat_task_gradients(losses, self.shared, self._rows, scale, outputs=outputs)
         base = self._mean_over_processes(losses.detach().double().reshape(-1))
         self._mean_over_processes(rows)
         if scale != 1.0:
@@ -144,7 +144,7 @@ class TaskGradientProbe:
                                                       zip(torch.split(rows[i], sizes), self.shared)],
                                         alpha=-float(lookahead_lr))
                     rng.reset()
-                    after[i] = task_losses().detach().double().reshape(-1)
+                    after[i] = self._call(task_losses)[0].detach().double().reshape(-1)
                     torch._foreach_copy_(self.shared, saved)
         finally:
             with torch.no_grad():

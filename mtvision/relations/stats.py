@@ -108,7 +108,8 @@ class TaskRelations:
         if not state:
             return
         if list(state["tasks"]) != self.tasks:
-            raise ValueError(f"task relations of tasks {list(state['tasks'])} cannot continue for {self.tasks}")
+            raise ValueError(f"task relations of tasks {list(state['tasks'])} cannot continue for "
+                             f"{self.tasks}")
         self.gradient_steps = int(state["gradient_steps"])
         self.affinity_steps = int(state["affinity_steps"])
         for key in ("cosine_sum", "conflicts", "norm_sum", "affinity_sum"):

@@ -60,7 +60,8 @@ class _ProbeBeforeStep(HookBase):
         t = self.trainer
         data = t._to_device(batch[0])
         probe = TaskGradientProbe(list(t.model.shared_parameters()), t.model)
-        self.measured = probe.measure(lambda: t.loss_fn.task_losses(t.model(data["image"]), data).float()).gram
+        losses = lambda: t.loss_fn.task_losses(t.model(data["image"]), data).float()  # noqa: E731
+        self.measured = probe.measure(losses).gram
 
     def after_step(self, outcome):
         self.pairs.append((self.measured, outcome.gram))

@@ -31,8 +31,8 @@ def _run(*args):
 
 def test_task_affinity_writes_the_matrices_groupings_and_pictures(tmp_path):
     cfg = write_tiny_config(tmp_path)
-    out = _run(ROOT / "tools" / "task_affinity.py", cfg, "--out", tmp_path / "aff", "--iters", 4, "--every", 2,
-               "--no-progress")
+    out = _run(ROOT / "tools" / "task_affinity.py", cfg, "--out", tmp_path / "aff", "--iters", 4,
+               "--every", 2, "--no-progress")
     result = json.loads((tmp_path / "aff" / "affinity.json").read_text())
     assert result["tasks"] == ["seg", "depth", "normal"]
     assert result["affinity_measurements"] == 2 and result["gradient_measurements"] == 2
@@ -49,8 +49,8 @@ def test_task_groups_trains_every_group_and_ranks_the_groupings(tmp_path):
     cfg = write_tiny_config(tmp_path)
     over = ["data.tasks=[seg,depth]", "model.heads={seg: {name: segmentation, num_classes: 6, channels: 16}, "
             "depth: {name: depth, channels: 16}}", "train.max_iters=2", "train.eval_interval=2"]
-    _run(ROOT / "tools" / "task_affinity.py", cfg, *over, "--out", tmp_path / "aff", "--iters", 2, "--every", 1,
-         "--no-progress")
+    _run(ROOT / "tools" / "task_affinity.py", cfg, *over, "--out", tmp_path / "aff", "--iters", 2,
+         "--every", 1, "--no-progress")
     out = _run(ROOT / "tools" / "task_groups.py", cfg, *over, "--out", tmp_path / "groups", "--k", 2,
                "--affinity", tmp_path / "aff" / "affinity.json")
     for run in ("seg", "depth", "seg+depth"):
