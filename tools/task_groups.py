@@ -11,7 +11,8 @@ most ``--k`` groups covering the tasks, each task's prediction taken from one of
 seeds), over the Δm metrics of every task; with several seeds, the mean and standard deviation of each
 seed's Δm. Prints every grouping's Δm (partitions, and the overlapping grouping of
 ``--affinity``'s ``groupings[k]`` when given: ``tools/task_affinity.py``'s output), best first, marking
-the predicted one, and writes ``DIR/groupings.json``.
+the predicted one with every grouping's TAG score (the mean affinity its groups give the tasks) and the
+rank correlation of that score with Δm, and writes ``DIR/groupings.json``.
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from mtvision.config import config_from_dict, config_to_dict, load_config, save_config
 from mtvision.engine import write_json
 from mtvision.engine.cli import exit_on_user_error
 from mtvision.evaluation import delta_m_metrics, read_metrics, relative_changes
+from mtvision.relations import group_affinity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +79,27 @@ def train_group(cfg_dict: dict, group: list[str], out: Path, seed_log) -> dict:
                                f"\n{done.stderr[-2000:]}")
         print(f"trained {_name(group)} in {time.perf_counter() - t0:.0f}s", file=seed_log, flush=True)
     return read_metrics(metrics_file)
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    rx, ry = ranks(x), ranks(y)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    norm = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / norm if norm > 0 else float("nan")
 
 
 def grouping_delta(grouping: list[list[str]], served_by: dict[str, int], runs: dict,
@@ -126,20 +152,33 @@ def main(argv=None) -> int:
     for part in _partitions(tasks, args.k):
         part = [sorted(b, key=tasks.index) for b in part]
         rows.append(row(part, {t: i for i, b in enumerate(part) for t in b}, False))
+    correlation = None
     if args.affinity:
-        chosen = json.loads(args.affinity.read_text())["groupings"][str(args.k)]
+        affinity = json.loads(args.affinity.read_text())
+        chosen = affinity["groupings"][str(args.k)]
         same = [r for r in rows if sorted(map(tuple, r["groups"])) == sorted(map(tuple, chosen["groups"]))]
         if same:
             same[0]["predicted"] = True
         else:  # overlapping groups: not a partition
             rows.append(row(chosen["groups"], chosen["served_by"], True))
+        A, order = torch.tensor(affinity["affinity"], dtype=torch.float64), affinity["tasks"]
+        for r in rows:  # TAG's predicted score of every grouping: the mean affinity its groups give
+            r["tag_score"] = sum(group_affinity(A, [order.index(x) for x in r["groups"][g]], order.index(t))
+                                 for t, g in r["served_by"].items()) / len(tasks)
+        correlation = _spearman([r["tag_score"] for r in rows], [-r["delta_m"] for r in rows])
     rows.sort(key=lambda r: r["delta_m"])
-    print(f"| rank | grouping (k ≤ {args.k}) | Δm % ↓ |\n|---|---|---|")
+    score_head = " TAG score ↑ |" if args.affinity else ""
+    print(f"| rank | grouping (k ≤ {args.k}) | Δm % ↓ |{score_head}\n|---|---|---|{'---|' if score_head else ''}")
     for i, r in enumerate(rows, 1):
         groups = " ".join("{" + ", ".join(g) + "}" for g in r["groups"])
         spread = f" ± {r['delta_m_std']:.2f}" if len(seeds) > 1 else ""
-        print(f"| {i} | {groups}{' ← predicted' if r['predicted'] else ''} | {r['delta_m']:+.2f}{spread} |")
+        score = f" {r['tag_score']:.3g} |" if args.affinity else ""
+        print(f"| {i} | {groups}{' ← predicted' if r['predicted'] else ''} | {r['delta_m']:+.2f}{spread} |{score}")
+    if correlation is not None:
+        print(f"Spearman rank correlation of the TAG score with -Δm over the {len(rows)} groupings: "
+              f"{correlation:+.2f}")
     write_json({"tasks": tasks, "k": args.k, "seeds": seeds, "baselines": baselines, "groupings": rows,
+                "spearman_tag_score_vs_delta_m": correlation,
                 "runs": {s: {n: {k: v for k, v in m.items() if k in wanted} for n, m in by.items()}
                          for s, by in runs.items()}},
                args.out / "groupings.json")

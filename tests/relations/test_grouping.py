@@ -95,3 +95,15 @@ def test_bad_input_is_named():
         select_groups(torch.tensor([[0.0, float("nan")], [0.0, 0.0]]), ["a", "b"], 1)
     with pytest.raises(ValueError, match="at least 1"):
         select_groups(torch.zeros(2, 2), ["a", "b"], 0)
+
+
+def test_task_groups_spearman_against_a_hand_count():
+    from ..test_tools import _tool
+
+    spearman = _tool("task_groups")._spearman
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (1,2,3,4,5) vs (2,1,4,3,5): sum d^2 = 4, rho = 1 - 6*4 / (5*24) = 0.8
+    assert spearman([0.1, 0.2, 0.3, 0.4, 0.5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    # ties get average ranks: x ranks (1.5,1.5,3), y ranks (1,2,3): Pearson of the ranks
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254037844387)

@@ -65,6 +65,8 @@ def test_task_groups_trains_every_group_and_ranks_the_groupings(tmp_path):
     chosen = json.loads((tmp_path / "aff" / "affinity.json").read_text())["groupings"]["2"]
     assert predicted["groups"] == chosen["groups"]
     assert result["groupings"] == sorted(result["groupings"], key=lambda r: r["delta_m"])
+    assert all("tag_score" in r for r in result["groupings"])
+    assert -1.0 <= result["spearman_tag_score_vs_delta_m"] <= 1.0 and "Spearman" in out.stdout
     assert "← predicted" in out.stdout
 
 
