@@ -26,4 +26,8 @@ TORCH_LIBRARY(mtvision, m) {
   // out = leak * (pos + neg) + (1 - leak) * ([P > u] pos + [P < u] neg); u = counter_uniform(seed, i) for
   // coordinate i counted over all chunks in order (csrc/gram/sign_dropout.h).
   m.def("sign_dropout_sum_out(Tensor[] grads, int seed, float leak, Tensor(a!)[] out) -> ()");
+  // ExcessMTL's AdaGrad step over [T, ...] chunks, one pass: accumulator += grads^2 (in place, each
+  // accumulator shaped and typed as its chunk), and per task sum(grads^2 / sqrt(accumulator + eps)) over
+  // all chunks: [T] float64.
+  m.def("excess_risk_step(Tensor[] grads, Tensor(a!)[] accumulator, float eps) -> Tensor");
 }

@@ -34,6 +34,13 @@ void weighted_sum_out_cpu(at::TensorList grads, const at::Tensor& weights, at::T
 // GradDrop's sign dropout of the T values of every coordinate (see the schema in mtvision.cpp) into out.
 void sign_dropout_sum_out_cpu(at::TensorList grads, int64_t seed, double leak, at::TensorList out);
 
+// ExcessMTL's step (see the schema in mtvision.cpp): accumulator += grads^2 in place; returns [T] float64
+// sums of grads^2 / sqrt(accumulator + eps).
+at::Tensor excess_risk_step_cpu(at::TensorList grads, at::TensorList accumulator, double eps);
+
+// excess_risk_step's accumulators, checked against the chunks and viewed as [T, n_i].
+std::vector<at::Tensor> accumulator_views(const GradChunks& g, at::TensorList accumulator);
+
 // sign_dropout_sum's leak must be in [0, 1].
 void check_leak(double leak);
 

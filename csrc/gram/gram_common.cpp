@@ -45,6 +45,23 @@ std::vector<at::Tensor> flat_outputs(const GradChunks& g, at::TensorList out, co
   return flat;
 }
 
+std::vector<at::Tensor> accumulator_views(const GradChunks& g, at::TensorList accumulator) {
+  TORCH_CHECK(accumulator.size() == g.chunks.size(), "excess_risk_step: ", accumulator.size(),
+              " accumulators for ", g.chunks.size(), " gradient chunks");
+  std::vector<at::Tensor> views;
+  for (size_t i = 0; i < accumulator.size(); ++i) {
+    const at::Tensor& a = accumulator[i];
+    const at::Tensor& c = g.chunks[i];
+    TORCH_CHECK(a.numel() == c.numel() && a.is_contiguous() && a.scalar_type() == c.scalar_type() &&
+                    a.device() == c.device(),
+                "excess_risk_step: accumulator ", i, " must be a contiguous ", c.scalar_type(), " tensor of ",
+                c.numel(), " elements on ", c.device(), " (its chunk's), got ", a.scalar_type(), " ", a.sizes(),
+                " on ", a.device());
+    views.push_back(a.view({g.T, -1}));
+  }
+  return views;
+}
+
 void check_leak(double leak) {
   TORCH_CHECK(leak >= 0.0 && leak <= 1.0, "sign_dropout_sum: leak must be in [0, 1], got ", leak);
 }

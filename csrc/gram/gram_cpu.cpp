@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -145,6 +146,28 @@ MTV_SIMD_CLONES void tile_sign_dropout(const T* const* rows, uint64_t seed, int6
   }
 }
 
+// ExcessMTL on n columns of one row: a += g^2 in place, returns sum g^2 / sqrt(a + eps), kLanes partial
+// sums in acc_t so that the loop vectorizes without reassociating float additions.
+template <typename T, typename acc_t = typename AccType<T>::type>
+MTV_SIMD_CLONES double row_excess_risk(const T* __restrict g, T* __restrict a, int64_t n, acc_t eps) {
+  constexpr int64_t kLanes = 16;
+  acc_t lane[kLanes] = {};
+  auto step = [&](int64_t j, int64_t l) {
+    const acc_t v = static_cast<acc_t>(g[j]);
+    const acc_t sq = v * v;
+    const T updated = static_cast<T>(static_cast<acc_t>(a[j]) + sq);
+    a[j] = updated;
+    lane[l] += sq / std::sqrt(static_cast<acc_t>(updated) + eps);
+  };
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) step(j + l, l);
+  for (int64_t l = 0; j + l < n; ++l) step(j + l, l);
+  double total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += static_cast<double>(lane[l]);
+  return total;
+}
+
 // Tile width: all T rows of a tile stay in L1 (~16 KiB) while the T(T+1)/2 dot products read them.
 int64_t tile_columns(int64_t T_, int64_t elem_size) {
   return std::max<int64_t>(64, (16384 / (T_ * elem_size)) / 16 * 16);
@@ -236,6 +259,34 @@ void sign_dropout_sum_out_cpu(at::TensorList grads, int64_t seed, double leak, a
   });
 }
 
+at::Tensor excess_risk_step_cpu(at::TensorList grads, at::TensorList accumulator, double eps) {
+  const GradChunks g = check_grad_chunks(grads, "excess_risk_step");
+  const std::vector<at::Tensor> acc = accumulator_views(g, accumulator);
+  const std::vector<Item> items = make_items(g);
+  std::vector<double> partial(items.size() * g.T, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.chunks[0].scalar_type(), "excess_risk_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const Item& it = items[i];
+        const int64_t n = g.chunks[it.chunk].size(1);
+        const scalar_t* src = g.chunks[it.chunk].data_ptr<scalar_t>();
+        scalar_t* dst = acc[it.chunk].data_ptr<scalar_t>();
+        for (int64_t t = 0; t < g.T; ++t)
+          partial[i * g.T + t] = row_excess_risk(src + t * n + it.begin, dst + t * n + it.begin,
+                                                 it.end - it.begin, static_cast<acc_t>(eps));
+      }
+    });
+  });
+  at::Tensor out = at::empty({g.T}, g.chunks[0].options().dtype(at::kDouble));
+  for (int64_t t = 0; t < g.T; ++t) {  // items in order: independent of the number of threads
+    double v = 0;
+    for (size_t i = 0; i < items.size(); ++i) v += partial[i * g.T + t];
+    out.data_ptr<double>()[t] = v;
+  }
+  return out;
+}
+
 std::vector<at::Tensor> weighted_sum_cpu(at::TensorList grads, const at::Tensor& weights) {
   TORCH_CHECK(!grads.empty(), "weighted_sum: no gradients given");
   return weighted_sum_alloc(
@@ -248,6 +299,7 @@ TORCH_LIBRARY_IMPL(mtvision, CPU, m) {
   m.impl("weighted_sum", &weighted_sum_cpu);
   m.impl("weighted_sum_out", &weighted_sum_out_cpu);
   m.impl("sign_dropout_sum_out", &sign_dropout_sum_out_cpu);
+  m.impl("excess_risk_step", &excess_risk_step_cpu);
 }
 
 }  // namespace mtvision

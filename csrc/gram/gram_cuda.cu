@@ -1,4 +1,5 @@
-// CUDA kernels of gram_matrix and weighted_sum: one launch each over all chunks. A chunk table on the
+// CUDA kernels of gram_matrix, weighted_sum, sign_dropout_sum and excess_risk_step: one launch each over
+// all chunks. A chunk table on the
 // device maps each block to (chunk, column range); gram blocks keep the T(T+1)/2 dot products of their
 // columns in registers (T <= 16), reduce them per block, and the last block to finish adds the block
 // partials in order (deterministic, no second launch).
@@ -149,6 +150,43 @@ __global__ void __launch_bounds__(kThreads) sign_dropout_kernel(const ChunkDesc*
   }
 }
 
+// ExcessMTL's step (see the CPU kernel): the accumulator chunk is the table's dst ([T, n]); per block and
+// task, the sum of g^2 / sqrt(a + eps) over its columns into partials[item * T + t].
+template <typename T>
+__global__ void __launch_bounds__(kThreads) excess_risk_kernel(const ChunkDesc* table, int num_chunks, int T_,
+                                                               typename AccType<T>::type eps,
+                                                               typename AccType<T>::type* partials) {
+  using acc_t = typename AccType<T>::type;
+  const int64_t item = blockIdx.x;
+  const ChunkDesc c = table[find_chunk(table, num_chunks, item)];
+  const T* src = static_cast<const T*>(c.src);
+  T* acc = static_cast<T*>(c.dst);
+  const int64_t begin = (item - c.first_item) * kItemColumns;
+  const int64_t end = min(c.n, begin + kItemColumns);
+  __shared__ acc_t warp_sums[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int t = 0; t < T_; ++t) {
+    acc_t x = 0;
+    for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+      const int64_t k = t * c.n + j;
+      const acc_t v = static_cast<acc_t>(src[k]);
+      const acc_t sq = v * v;
+      const T updated = static_cast<T>(static_cast<acc_t>(acc[k]) + sq);
+      acc[k] = updated;
+      x += sq / sqrt(static_cast<acc_t>(updated) + eps);
+    }
+    for (int off = 16; off > 0; off /= 2) x += __shfl_down_sync(0xffffffffu, x, off);
+    if (lane == 0) warp_sums[warp] = x;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      acc_t total = 0;
+      for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+      partials[item * T_ + t] = total;
+    }
+    __syncthreads();
+  }
+}
+
 // Device copy of the chunk table; returns it and the number of blocks.
 std::pair<at::Tensor, int64_t> chunk_table(const GradChunks& g, const std::vector<at::Tensor>* outs) {
   std::vector<ChunkDesc> table;
@@ -245,6 +283,25 @@ void sign_dropout_sum_out_cuda(at::TensorList grads, int64_t seed, double leak, 
   });
 }
 
+at::Tensor excess_risk_step_cuda(at::TensorList grads, at::TensorList accumulator, double eps) {
+  const GradChunks g = check_grad_chunks(grads, "excess_risk_step");
+  const std::vector<at::Tensor> acc = accumulator_views(g, accumulator);
+  const at::Tensor& first = g.chunks[0];
+  const c10::cuda::CUDAGuard guard(first.device());
+  auto [table, items] = chunk_table(g, &acc);
+  const auto dtype = first.scalar_type();
+  at::Tensor partials = at::empty({items, g.T}, first.options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "excess_risk_cuda", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    excess_risk_kernel<scalar_t><<<static_cast<unsigned int>(items), kThreads, 0, stream>>>(
+        reinterpret_cast<const ChunkDesc*>(table.data_ptr()), static_cast<int>(g.chunks.size()),
+        static_cast<int>(g.T), static_cast<acc_t>(eps), partials.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return partials.to(at::kDouble).sum(0);  // a fixed reduction order: deterministic
+}
+
 std::vector<at::Tensor> weighted_sum_cuda(at::TensorList grads, const at::Tensor& weights) {
   TORCH_CHECK(!grads.empty(), "weighted_sum: no gradients given");
   return weighted_sum_alloc(
@@ -259,6 +316,7 @@ TORCH_LIBRARY_IMPL(mtvision, CUDA, m) {
   m.impl("weighted_sum", &weighted_sum_cuda);
   m.impl("weighted_sum_out", &weighted_sum_out_cuda);
   m.impl("sign_dropout_sum_out", &sign_dropout_sum_out_cuda);
+  m.impl("excess_risk_step", &excess_risk_step_cuda);
 }
 
 }  // namespace mtvision

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import dist_ready
-from ..ops import gram_matrix, sign_dropout_sum
+from ..ops import excess_risk_step, gram_matrix, sign_dropout_sum
 from ..registry import BALANCERS
 from .aggregators import GradientAggregator, _check_gram, _gram64, _out
 
@@ -193,14 +193,9 @@ class ExcessMTL(_GradientState):
 
     def prepare(self, grads, losses):
         self.step += 1
-        self.accumulator = _state_to(self.accumulator, grads)
-        torch._foreach_addcmul_(self.accumulator, grads, grads)
-        ratio = torch._foreach_add(self.accumulator, 1e-7)
-        torch._foreach_rsqrt_(ratio)
-        torch._foreach_mul_(ratio, grads)
-        torch._foreach_mul_(ratio, grads)  # g² / sqrt(A + 1e-7)
-        T = grads[0].shape[0]
-        excess = torch.stack([r.reshape(T, -1).sum(1, dtype=torch.float64) for r in ratio]).sum(0)
+        self.accumulator = [a.contiguous() for a in _state_to(self.accumulator, grads)]
+        # A += g² and Σ g² / sqrt(A + 1e-7) per task, in one pass over the T × P buffers
+        excess = excess_risk_step(grads, self.accumulator, 1e-7)
         return grads, excess
 
     @torch.no_grad()

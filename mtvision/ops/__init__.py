@@ -7,9 +7,10 @@ import torch  # noqa: F401  (must be imported before the extension)
 
 from mtvision.ops import _library  # noqa: F401  loads mtvision._C and registers fake/autograd
 from mtvision.ops.fused_loss import fused_dense_loss
-from mtvision.ops.gram import gram_matrix, sign_dropout_sum, weighted_sum
+from mtvision.ops.gram import excess_risk_step, gram_matrix, sign_dropout_sum, weighted_sum
 
-__all__ = ["cuda_kernels_available", "fused_dense_loss", "gram_matrix", "sign_dropout_sum", "weighted_sum"]
+__all__ = ["cuda_kernels_available", "excess_risk_step", "fused_dense_loss", "gram_matrix", "sign_dropout_sum",
+           "weighted_sum"]
 
 
 def cuda_kernels_available() -> bool:

@@ -58,6 +58,18 @@ def sign_dropout_sum(grads: Tensor | Sequence[Tensor], seed: int, leak: float = 
     return outs[0] if isinstance(grads, Tensor) else outs
 
 
+def excess_risk_step(grads: Tensor | Sequence[Tensor], accumulator: Tensor | Sequence[Tensor],
+                     eps: float = 1e-7) -> Tensor:
+    """ExcessMTL's AdaGrad step over ``[T, ...]`` per-task gradient chunks, in one pass: ``accumulator +=
+    grads²`` in place (one tensor per chunk, its shape and dtype, contiguous), and returns the ``[T]``
+    float64 sums over all chunks of ``grads² / sqrt(accumulator + eps)`` (the updated accumulator).
+    Accumulated in float32 per work item (float64 for float64 gradients), the items summed in float64 in
+    a fixed order; not differentiable."""
+    chunks = _chunk_list(grads, "excess_risk_step")
+    accs = [accumulator] if isinstance(accumulator, Tensor) else list(accumulator)
+    return _OPS.excess_risk_step(chunks, accs, float(eps))
+
+
 def _chunk_list(grads, op: str) -> list[Tensor]:
     chunks = [grads] if isinstance(grads, Tensor) else list(grads)
     if not chunks:
@@ -86,6 +98,12 @@ def _weighted_sum_out_fake(grads, weights, out):
 @torch.library.register_fake("mtvision::sign_dropout_sum_out")
 def _sign_dropout_sum_out_fake(grads, seed, leak, out):
     return None
+
+
+@torch.library.register_fake("mtvision::excess_risk_step")
+def _excess_risk_step_fake(grads, accumulator, eps):
+    torch._check(len(grads) > 0, lambda: "excess_risk_step: no gradients given")
+    return grads[0].new_empty((grads[0].shape[0],), dtype=torch.float64)
 
 
 def _gram_setup(ctx, inputs, output):

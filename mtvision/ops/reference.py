@@ -98,3 +98,18 @@ def sign_dropout_sum(grads: Tensor | list[Tensor], seed: int, leak: float = 0.0)
         mask = ((purity > u) & (g > 0)) | ((purity < u) & (g < 0))
         out.append((g * (leak + (1 - leak) * mask.double())).sum(0).to(c.dtype))
     return out[0] if isinstance(grads, Tensor) else out
+
+
+def excess_risk_step(grads: Tensor | list[Tensor], accumulator: Tensor | list[Tensor],
+                     eps: float = 1e-7) -> Tensor:
+    """ExcessMTL's AdaGrad step (He et al. 2024) on ``[T, ...]`` chunks, written out: ``A += g²`` (stored
+    in A's dtype), and per task ``Σ g² / sqrt(A + eps)`` with the stored A, in float64: ``[T]``."""
+    chunks = _as_chunks(grads)
+    accs = [accumulator] if isinstance(accumulator, Tensor) else list(accumulator)
+    T = chunks[0].shape[0]
+    total = torch.zeros(T, dtype=torch.float64, device=chunks[0].device)
+    for g, a in zip(chunks, accs):
+        sq = g.double() ** 2
+        a.copy_((a.double() + sq.view(a.shape)).to(a.dtype))
+        total += (sq / torch.sqrt(a.double().view(sq.shape) + eps)).reshape(T, -1).sum(1)
+    return total
