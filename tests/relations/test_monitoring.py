@@ -150,3 +150,20 @@ def test_auxiliary_tasks_are_trained_but_not_scored(tmp_path):
 def test_bad_auxiliary_tasks_are_named(tmp_path, aux, message):
     with pytest.raises(ConfigError, match=f"train.auxiliary_tasks: .*{message}"):
         Trainer(tiny_config(tmp_path, [f"train.auxiliary_tasks={aux}"]))
+
+
+def test_tensorboard_gets_the_scalars_and_heatmaps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t = Trainer(tiny_config(tmp_path, [*SHORT, "train.monitor_interval=2", "train.affinity_interval=2"]),
+                progress=False)
+    t.train()
+    events = EventAccumulator(str(tmp_path / "work" / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"relations/mean_cosine", "relations/mean_affinity"} <= set(tags["images"])
+    assert {"relations/cosine/seg~depth", "relations/grad_norm/normal", "relations/affinity/seg->depth",
+            "relations/conflict_fraction/depth~normal"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("relations/cosine/seg~depth")] == [2, 4]
+    image = events.Images("relations/mean_affinity")[-1]
+    assert image.step == 4 and image.width > 100 and image.height > 100
