@@ -10,12 +10,14 @@ Two kinds, built by :func:`build_backbone`:
   stages keep the resolution and dilate their convolutions instead (for ResNets: stage 3 dilation 2,
   stage 4 dilation 4, the first block of each with the previous dilation), so the levels' strides are
   e.g. ``[4, 8, 8, 8]`` and the parameters (and pretrained weights) are unchanged.
-- :class:`ViTBackbone` — a plain timm ``VisionTransformer`` (``vit_*``, ``deit_*``) turned into a
-  4-level pyramid the ViTDet way (Li et al. 2022, "simple feature pyramid"): the patch tokens of one
-  block (default: the last) form a stride-``P`` map (``P`` = patch size, 16 for ``*_patch16_*``), and
-  stride ``P/4`` comes from two 2x transposed convs, ``P/2`` from one, ``P`` is the map itself, ``2P``
-  is a 2x2 max-pool. The model is built with ``dynamic_img_size=True`` (position embeddings are
-  interpolated per input), so **any input whose height and width are multiples of the patch size**
+- :class:`ViTBackbone` — a plain timm ``VisionTransformer`` (``vit_*``, ``deit_*``, DINOv2's
+  ``vit_*_dinov2``) or ``Eva`` (``eva02_*``) turned into a 4-level pyramid: the patch tokens of one block
+  (default: the last) form a stride-``P`` map (``P`` = patch size, 16 for ``*_patch16_*``). For ``P``
+  divisible by 4, the ViTDet way (Li et al. 2022, "simple feature pyramid"): stride ``P/4`` comes from
+  two 2x transposed convs, ``P/2`` from one, ``P`` is the map itself, ``2P`` is a 2x2 max-pool. For other
+  patches (14), the DPT way (Ranftl et al. 2021; Depth Anything): strides 4, 8, 16 and 32, each a 1x1
+  projection of the tokens, bilinearly resampled, then a 3x3 conv. The model is built with
+  ``dynamic_img_size=True`` (position embeddings are interpolated per input), so **any input whose height and width are multiples of the patch size**
   works; other sizes raise ``ValueError``.
 
 Pretrained weights are read from a local file only (``.pth``/``.pt``/``.bin`` through
@@ -30,8 +32,10 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import timm
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models import VisionTransformer
+from timm.models.eva import Eva
 from torch import Tensor, nn
 
 from ..registry import BACKBONES
@@ -42,7 +46,7 @@ __all__ = ["BackboneError", "TimmCNNBackbone", "ViTBackbone", "build_backbone", 
 _OUTPUT_STRIDES = (8, 16, 32)
 
 # timm modules whose models are plain VisionTransformers (forward_intermediates + dynamic_img_size).
-_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.eva")
 
 
 class BackboneError(ValueError):
@@ -189,12 +193,35 @@ class TimmCNNBackbone(nn.Module):
         return feats
 
 
-class ViTBackbone(nn.Module):
-    """A timm VisionTransformer with a ViTDet simple feature pyramid.
+class _ResampledLevel(nn.Module):
+    """One pyramid level from a stride-P token map whose patch P is not a multiple of 4 (DINOv2's 14), as
+    DPT / Depth Anything reassemble theirs: a 1x1 projection to ``channels``, a bilinear resampling to
+    ``ceil(H / stride) x ceil(W / stride)`` of the input image, and a 3x3 conv (the learned part of the
+    resampling)."""
 
-    ``forward(x [B,3,H,W]) -> 4 maps [B, out_channels[i], H/strides[i], W/strides[i]]`` with strides
-    ``[P/4, P/2, P, 2P]`` (``[4, 8, 16, 32]`` for patch 16) and channels ``[D/4, D/2, D, D]`` (``D`` = embed dim).
-    H and W must be multiples of the patch size ``P`` (``ValueError`` otherwise).
+    def __init__(self, dim: int, channels: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.project = nn.Conv2d(dim, channels, 1)
+        self.refine = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, tokens: Tensor, size) -> Tensor:
+        h, w = size
+        s = self.stride
+        x = F.interpolate(self.project(tokens), size=((h + s - 1) // s, (w + s - 1) // s), mode="bilinear",
+                          align_corners=False)
+        return self.refine(x)
+
+
+class ViTBackbone(nn.Module):
+    """A timm VisionTransformer (or EVA) with a 4-level feature pyramid.
+
+    ``forward(x [B,3,H,W]) -> 4 maps [B, out_channels[i], H/strides[i], W/strides[i]]`` with channels
+    ``[D/4, D/2, D, D]`` (``D`` = embed dim). For a patch ``P`` divisible by 4, the ViTDet simple feature
+    pyramid with strides ``[P/4, P/2, P, 2P]`` (``[4, 8, 16, 32]`` for patch 16). For any other patch
+    (DINOv2's and EVA-02's 14), the DPT way: strides ``[4, 8, 16, 32]`` resampled from the stride-``P``
+    tokens (:class:`_ResampledLevel`; a level is ``ceil(H / stride)`` high). H and W must be multiples of
+    the patch size ``P`` (``ValueError`` otherwise).
 
     ``block_indices``: transformer blocks whose patch tokens feed the pyramid: one index (default the
     last block, -1) feeds all four levels (ViTDet); four indices, shallow to deep, feed one level each.
@@ -210,8 +237,9 @@ class ViTBackbone(nn.Module):
             vit = timm.create_model(name, pretrained=False, **kw)
         except TypeError as e:
             raise BackboneError("timm_kwargs", f"timm model {name!r} rejected its arguments: {e}") from e
-        if not isinstance(vit, VisionTransformer):
-            raise BackboneError("name", f"timm model {name!r} is a {type(vit).__name__}, not a VisionTransformer")
+        if not isinstance(vit, (VisionTransformer, Eva)):
+            raise BackboneError("name", f"timm model {name!r} is a {type(vit).__name__}, not a "
+                                        "VisionTransformer or Eva")
         if pretrained is not None:
             _load_into(vit, pretrained, name)
 
@@ -231,8 +259,8 @@ class ViTBackbone(nn.Module):
 
         patch = vit.patch_embed.patch_size
         patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        if patch[0] != patch[1] or patch[0] % 4:
-            raise BackboneError("name", f"ViT backbone needs a square patch size divisible by 4, {name!r} has {patch}")
+        if patch[0] != patch[1]:
+            raise BackboneError("name", f"ViT backbone needs a square patch, {name!r} has {patch}")
         p = patch[0]
         d = vit.embed_dim
         if d % 4:
@@ -240,15 +268,21 @@ class ViTBackbone(nn.Module):
         self.name = name
         self.vit = vit
         self.patch_size = p
-        # ViTDet simple feature pyramid (without the per-level 1x1/3x3 convs: the FPN neck does those).
-        self.up4 = nn.Sequential(
-            nn.ConvTranspose2d(d, d // 2, 2, stride=2), LayerNorm2d(d // 2), nn.GELU(),
-            nn.ConvTranspose2d(d // 2, d // 4, 2, stride=2),
-        )
-        self.up2 = nn.ConvTranspose2d(d, d // 2, 2, stride=2)
-        self.down2 = nn.MaxPool2d(2, 2)
         self.out_channels: list[int] = [d // 4, d // 2, d, d]
-        self.strides: list[int] = [p // 4, p // 2, p, 2 * p]
+        if p % 4 == 0:
+            # ViTDet simple feature pyramid (without the per-level 1x1/3x3 convs: the FPN neck does those).
+            self.up4 = nn.Sequential(
+                nn.ConvTranspose2d(d, d // 2, 2, stride=2), LayerNorm2d(d // 2), nn.GELU(),
+                nn.ConvTranspose2d(d // 2, d // 4, 2, stride=2),
+            )
+            self.up2 = nn.ConvTranspose2d(d, d // 2, 2, stride=2)
+            self.down2 = nn.MaxPool2d(2, 2)
+            self.strides: list[int] = [p // 4, p // 2, p, 2 * p]
+            self.resampled = None
+        else:
+            self.strides = [4, 8, 16, 32]
+            self.resampled = nn.ModuleList(_ResampledLevel(d, c, stride)
+                                           for c, stride in zip(self.out_channels, self.strides))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         h, w = x.shape[-2:]
@@ -259,6 +293,8 @@ class ViTBackbone(nn.Module):
         maps = self.vit.forward_intermediates(x, indices=self._take, norm=False, output_fmt="NCHW",
                                               intermediates_only=True)
         s = self._level_src
+        if self.resampled is not None:
+            return [level(maps[src], (h, w)) for level, src in zip(self.resampled, s)]
         return [self.up4(maps[s[0]]), self.up2(maps[s[1]]), maps[s[2]], self.down2(maps[s[3]])]
 
 

@@ -147,6 +147,19 @@ def test_vit_exports_with_sizes_in_multiples_of_the_patch(tmp_path):
         check_onnx(path, model, torch.randn(*shape, generator=torch.Generator().manual_seed(3)))
 
 
+@pytest.mark.slow
+def test_dinov2_patch14_exports_at_any_multiple_of_14(tmp_path):
+    """DINOv2's patch 14 (its pyramid resampled to strides 4..32): a dynamic-size file equals PyTorch at
+    two sizes that are multiples of 14 and not of 4 or 8."""
+    model = tiny_model(backbone={"name": "vit_small_patch14_dinov2", "pretrained": None, "out_indices": [1],
+                                 "timm_kwargs": {"depth": 2}})
+    assert size_multiple(model) == 14
+    path = export_onnx(model, tmp_path / "dinov2.onnx", (56, 70), dynamic_size=True)
+    assert read_onnx_metadata(path)["size_multiple"] == 14
+    for shape in [(2, 3, 56, 70), (1, 3, 98, 42)]:
+        check_onnx(path, model, torch.randn(*shape, generator=torch.Generator().manual_seed(3)))
+
+
 def test_missing_onnx_packages_name_the_extra(tmp_path, monkeypatch):
     real_import = builtins.__import__
 

@@ -46,6 +46,54 @@ def test_vit_any_size_divisible_by_patch_and_clear_error_otherwise():
         bb(torch.randn(1, 3, 50, 80))
 
 
+PATCH14 = ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2", "eva02_tiny_patch14_224"]
+
+
+@pytest.mark.parametrize("name", PATCH14)
+def test_patch14_vits_give_a_stride_4_to_32_pyramid(name):
+    """DINOv2 (with and without registers) and EVA-02: patch 14 is not a multiple of 4, so the pyramid is
+    resampled from the stride-14 tokens (DPT's way) to strides 4..32, ceil(H / stride) high; an input
+    that is not a multiple of 14 is refused with the sizes."""
+    torch.manual_seed(0)
+    bb = build_backbone(name, out_indices=[0, 1, 1, 1], timm_kwargs={"depth": 2}).eval()
+    assert isinstance(bb, ViTBackbone) and bb.patch_size == 14 and bb.strides == [4, 8, 16, 32]
+    d = bb.vit.embed_dim
+    assert bb.out_channels == [d // 4, d // 2, d, d]
+    h, w = 112, 140  # 8 x 10 patches
+    with torch.no_grad():
+        feats = bb(torch.randn(2, 3, h, w))
+    for f, c, s in zip(feats, bb.out_channels, bb.strides):
+        assert f.shape == (2, c, math.ceil(h / s), math.ceil(w / s)), (f.shape, s)
+        assert torch.isfinite(f).all()
+    # the finest level comes from the shallow block, the others from block 1: changing block 1's output
+    # (its MLP) leaves level 0 alone
+    with torch.no_grad():
+        x = torch.randn(1, 3, h, w)
+        before = bb(x)
+        bb.vit.blocks[1].mlp.fc2.bias.add_(1.0)
+        after = bb(x)
+    assert torch.equal(before[0], after[0]) and not torch.equal(before[1], after[1])
+    with pytest.raises(ValueError, match="divisible by the patch size 14.*112x128"):
+        bb(torch.randn(1, 3, 112, 128))
+
+
+def test_patch14_vit_trains_a_step():
+    from mtvision.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"backbone": {"name": "vit_small_patch14_dinov2", "pretrained": None,
+                                      "timm_kwargs": {"depth": 1}},
+                         "neck": {"name": "fpn", "out_channels": 16},
+                         "heads": {"seg": {"name": "segmentation", "num_classes": 3, "channels": 16},
+                                   "depth": {"name": "depth", "channels": 16}}})
+    out = model(torch.randn(2, 3, 56, 70))
+    assert out["seg"].shape == (2, 3, 56, 70) and out["depth"].shape == (2, 1, 56, 70)
+    (out["seg"].mean() + out["depth"].mean()).backward()
+    grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads[:5])  # reaches the patch embedding
+
+
 def test_vit_bad_block_indices():
     with pytest.raises(BackboneError, match="out of range") as e:
         build_backbone("vit_tiny_patch16_224", out_indices=[12])
