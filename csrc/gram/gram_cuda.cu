@@ -45,6 +45,24 @@ __device__ __forceinline__ int find_chunk(const ChunkDesc* table, int num_chunks
   return lo;
 }
 
+// The columns of block `item`: its chunk (index `chunk`), the chunk's source and destination, and the
+// column range [begin, end).
+template <typename T>
+struct BlockColumns {
+  int chunk;
+  const T* src;
+  T* dst;
+  int64_t n, begin, end;
+};
+
+template <typename T>
+__device__ __forceinline__ BlockColumns<T> block_columns(const ChunkDesc* table, int num_chunks, int64_t item) {
+  const int ci = find_chunk(table, num_chunks, item);
+  const ChunkDesc c = table[ci];
+  const int64_t begin = (item - c.first_item) * kItemColumns;
+  return {ci, static_cast<const T*>(c.src), static_cast<T*>(c.dst), c.n, begin, min(c.n, begin + kItemColumns)};
+}
+
 template <typename T, int MAXT>
 __global__ void __launch_bounds__(kThreads) gram_kernel(const ChunkDesc* table, int num_chunks, int T_,
                                                         typename AccType<T>::type* partials,
@@ -53,17 +71,14 @@ __global__ void __launch_bounds__(kThreads) gram_kernel(const ChunkDesc* table, 
   using acc_t = typename AccType<T>::type;
   constexpr int NP = MAXT * (MAXT + 1) / 2;
   const int64_t item = blockIdx.x;
-  const ChunkDesc c = table[find_chunk(table, num_chunks, item)];
-  const T* src = static_cast<const T*>(c.src);
-  const int64_t begin = (item - c.first_item) * kItemColumns;
-  const int64_t end = min(c.n, begin + kItemColumns);
+  const BlockColumns<T> b = block_columns<T>(table, num_chunks, item);
   acc_t acc[NP];
 #pragma unroll
   for (int k = 0; k < NP; ++k) acc[k] = 0;
-  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+  for (int64_t j = b.begin + threadIdx.x; j < b.end; j += kThreads) {
     acc_t v[MAXT];
 #pragma unroll
-    for (int t = 0; t < MAXT; ++t) v[t] = t < T_ ? static_cast<acc_t>(src[t * c.n + j]) : acc_t(0);
+    for (int t = 0; t < MAXT; ++t) v[t] = t < T_ ? static_cast<acc_t>(b.src[t * b.n + j]) : acc_t(0);
     int k = 0;
 #pragma unroll
     for (int s = 0; s < MAXT; ++s)
@@ -109,16 +124,11 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(const ChunkDesc* table, int num_chunks,
                                                                 int T_, const typename AccType<T>::type* w) {
   using acc_t = typename AccType<T>::type;
-  const int64_t item = blockIdx.x;
-  const ChunkDesc c = table[find_chunk(table, num_chunks, item)];
-  const T* src = static_cast<const T*>(c.src);
-  T* dst = static_cast<T*>(c.dst);
-  const int64_t begin = (item - c.first_item) * kItemColumns;
-  const int64_t end = min(c.n, begin + kItemColumns);
-  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+  const BlockColumns<T> b = block_columns<T>(table, num_chunks, blockIdx.x);
+  for (int64_t j = b.begin + threadIdx.x; j < b.end; j += kThreads) {
     acc_t x = 0;
-    for (int t = 0; t < T_; ++t) x += w[t] * static_cast<acc_t>(src[t * c.n + j]);
-    dst[j] = static_cast<T>(x);
+    for (int t = 0; t < T_; ++t) x += w[t] * static_cast<acc_t>(b.src[t * b.n + j]);
+    b.dst[j] = static_cast<T>(x);
   }
 }
 
@@ -130,23 +140,17 @@ __global__ void __launch_bounds__(kThreads) sign_dropout_kernel(const ChunkDesc*
                                                                 typename AccType<T>::type leak,
                                                                 typename AccType<T>::type keep) {
   using acc_t = typename AccType<T>::type;
-  const int64_t item = blockIdx.x;
-  const int ci = find_chunk(table, num_chunks, item);
-  const ChunkDesc c = table[ci];
-  const T* src = static_cast<const T*>(c.src);
-  T* dst = static_cast<T*>(c.dst);
-  const int64_t first = offsets[ci];
-  const int64_t begin = (item - c.first_item) * kItemColumns;
-  const int64_t end = min(c.n, begin + kItemColumns);
-  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+  const BlockColumns<T> b = block_columns<T>(table, num_chunks, blockIdx.x);
+  const int64_t first = offsets[b.chunk];
+  for (int64_t j = b.begin + threadIdx.x; j < b.end; j += kThreads) {
     acc_t pos = 0, neg = 0;
     for (int t = 0; t < T_; ++t) {
-      const acc_t v = static_cast<acc_t>(src[t * c.n + j]);
+      const acc_t v = static_cast<acc_t>(b.src[t * b.n + j]);
       pos += v > 0 ? v : acc_t(0);
       neg += v < 0 ? v : acc_t(0);
     }
     const float u = counter_uniform(seed, static_cast<uint64_t>(first + j));
-    dst[j] = static_cast<T>(sign_dropout_value(pos, neg, u, leak, keep));
+    b.dst[j] = static_cast<T>(sign_dropout_value(pos, neg, u, leak, keep));
   }
 }
 
@@ -158,21 +162,17 @@ __global__ void __launch_bounds__(kThreads) excess_risk_kernel(const ChunkDesc* 
                                                                typename AccType<T>::type* partials) {
   using acc_t = typename AccType<T>::type;
   const int64_t item = blockIdx.x;
-  const ChunkDesc c = table[find_chunk(table, num_chunks, item)];
-  const T* src = static_cast<const T*>(c.src);
-  T* acc = static_cast<T*>(c.dst);
-  const int64_t begin = (item - c.first_item) * kItemColumns;
-  const int64_t end = min(c.n, begin + kItemColumns);
+  const BlockColumns<T> b = block_columns<T>(table, num_chunks, item);  // dst: the accumulator chunk
   __shared__ acc_t warp_sums[kThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int t = 0; t < T_; ++t) {
     acc_t x = 0;
-    for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
-      const int64_t k = t * c.n + j;
-      const acc_t v = static_cast<acc_t>(src[k]);
+    for (int64_t j = b.begin + threadIdx.x; j < b.end; j += kThreads) {
+      const int64_t k = t * b.n + j;
+      const acc_t v = static_cast<acc_t>(b.src[k]);
       const acc_t sq = v * v;
-      const T updated = static_cast<T>(static_cast<acc_t>(acc[k]) + sq);
-      acc[k] = updated;
+      const T updated = static_cast<T>(static_cast<acc_t>(b.dst[k]) + sq);
+      b.dst[k] = updated;
       x += sq / sqrt(static_cast<acc_t>(updated) + eps);
     }
     for (int off = 16; off > 0; off /= 2) x += __shfl_down_sync(0xffffffffu, x, off);
