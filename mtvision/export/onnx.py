@@ -168,6 +168,16 @@ def size_multiple(model: nn.Module) -> int:
     return int(getattr(model.backbone, "patch_size", 1))
 
 
+def _exporter_friendly_attention(model: nn.Module) -> None:
+    """Hiera's mask-unit attention calls ``scaled_dot_product_attention`` on 5-D tensors (batch, heads,
+    windows, tokens, dims), which the ONNX exporter refuses ("only 4D query, key, and value are
+    supported"); its other path (timm's ``fused_attn = False``: matmul, softmax, matmul) computes the same
+    attention and exports. Switched on the export's copy of the model only."""
+    for module in model.modules():
+        if type(module).__module__ == "timm.models.hiera" and getattr(module, "fused_attn", False):
+            module.fused_attn = False
+
+
 def export_onnx(model: nn.Module, path: Union[str, Path], image_size: Sequence[int], *,
                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
                 raw_input: bool = False, dynamic_batch: bool = True, dynamic_size: bool = False,
@@ -205,6 +215,7 @@ def export_onnx(model: nn.Module, path: Union[str, Path], image_size: Sequence[i
     path.parent.mkdir(parents=True, exist_ok=True)
     # A copy: export needs the CPU and float32, and must leave the caller's model as it is.
     cpu_model = copy.deepcopy(model).to("cpu", torch.float16 if fp16 else torch.float32)
+    _exporter_friendly_attention(cpu_model)
     norm = (mean, std) if raw_input else (None, None)
     graph = InferenceGraph(cpu_model, *norm, postprocess=postprocess, half=fp16).eval()
     example = torch.rand(1 if not dynamic_batch else 2, 3, H, W)

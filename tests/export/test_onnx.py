@@ -160,6 +160,17 @@ def test_dinov2_patch14_exports_at_any_multiple_of_14(tmp_path):
         check_onnx(path, model, torch.randn(*shape, generator=torch.Generator().manual_seed(3)))
 
 
+@pytest.mark.slow
+def test_hiera_exports_through_its_unfused_attention(tmp_path):
+    """Hiera's attention is 5-D, which the exporter refuses; the export's copy takes timm's matmul path:
+    the file equals PyTorch (fused attention) and the caller's model keeps its fused attention."""
+    model = tiny_model(backbone={"name": "hiera_tiny_224", "pretrained": None})
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    path = export_onnx(model, tmp_path / "hiera.onnx", (224, 224))
+    check_onnx(path, model, torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3)))
+    assert fused and all(m.fused_attn for m in fused)
+
+
 def test_missing_onnx_packages_name_the_extra(tmp_path, monkeypatch):
     real_import = builtins.__import__
 
