@@ -132,31 +132,25 @@ def test_dilated_backbone_with_deeplab_heads_exports(tmp_path):
 
 
 @pytest.mark.slow
-def test_vit_exports_with_sizes_in_multiples_of_the_patch(tmp_path):
-    model = tiny_model(backbone={"name": "vit_tiny_patch16_224", "pretrained": None, "out_indices": [2]})
-    assert size_multiple(model) == 16
-    with pytest.raises(ExportError, match="multiples of 16"):
-        export_onnx(model, tmp_path / "vit.onnx", (40, 48))
+@pytest.mark.parametrize("backbone,patch,bad,size,shapes", [
+    ({"name": "vit_tiny_patch16_224", "out_indices": [2]}, 16, (40, 48), (64, 80),
+     [(2, 3, 64, 80), (1, 3, 96, 64)]),
+    # DINOv2's patch 14 (its pyramid resampled to strides 4..32): sizes that are not multiples of 4 or 8
+    ({"name": "vit_small_patch14_dinov2", "out_indices": [1], "timm_kwargs": {"depth": 2}}, 14, (56, 64),
+     (56, 70), [(2, 3, 56, 70), (1, 3, 98, 42)]),
+])
+def test_vit_exports_with_sizes_in_multiples_of_the_patch(tmp_path, backbone, patch, bad, size, shapes):
+    model = tiny_model(backbone={**backbone, "pretrained": None})
+    assert size_multiple(model) == patch
+    with pytest.raises(ExportError, match=f"multiples of {patch}"):
+        export_onnx(model, tmp_path / "vit.onnx", bad)
     assert not (tmp_path / "vit.onnx").exists()
     # sizes whose stride-32 level is more than 1x1: a one-pixel map puts one value in each GroupNorm
     # group of the heads, whose normalisation then amplifies float rounding (1e-7 / sqrt(eps)) into
     # differences between any two implementations, not an export error
-    path = export_onnx(model, tmp_path / "vit.onnx", (64, 80), dynamic_size=True)
-    assert read_onnx_metadata(path)["size_multiple"] == 16
-    for shape in [(2, 3, 64, 80), (1, 3, 96, 64)]:
-        check_onnx(path, model, torch.randn(*shape, generator=torch.Generator().manual_seed(3)))
-
-
-@pytest.mark.slow
-def test_dinov2_patch14_exports_at_any_multiple_of_14(tmp_path):
-    """DINOv2's patch 14 (its pyramid resampled to strides 4..32): a dynamic-size file equals PyTorch at
-    two sizes that are multiples of 14 and not of 4 or 8."""
-    model = tiny_model(backbone={"name": "vit_small_patch14_dinov2", "pretrained": None, "out_indices": [1],
-                                 "timm_kwargs": {"depth": 2}})
-    assert size_multiple(model) == 14
-    path = export_onnx(model, tmp_path / "dinov2.onnx", (56, 70), dynamic_size=True)
-    assert read_onnx_metadata(path)["size_multiple"] == 14
-    for shape in [(2, 3, 56, 70), (1, 3, 98, 42)]:
+    path = export_onnx(model, tmp_path / "vit.onnx", size, dynamic_size=True)
+    assert read_onnx_metadata(path)["size_multiple"] == patch
+    for shape in shapes:
         check_onnx(path, model, torch.randn(*shape, generator=torch.Generator().manual_seed(3)))
 
 
