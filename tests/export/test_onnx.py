@@ -158,10 +158,11 @@ def test_vit_exports_with_sizes_in_multiples_of_the_patch(tmp_path, backbone, pa
 def test_hiera_exports_through_its_unfused_attention(tmp_path):
     """Hiera's attention is 5-D, which the exporter refuses; the export's copy takes timm's matmul path:
     the file equals PyTorch (fused attention) and the caller's model keeps its fused attention."""
-    model = tiny_model(backbone={"name": "hiera_tiny_224", "pretrained": None})
+    model = tiny_model(backbone={"name": "hiera_tiny_224", "pretrained": None,  # one block per stage, 128 px
+                                 "timm_kwargs": {"stages": [1, 1, 1, 1], "img_size": [128, 128]}})
     fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
-    path = export_onnx(model, tmp_path / "hiera.onnx", (224, 224))
-    check_onnx(path, model, torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3)))
+    path = export_onnx(model, tmp_path / "hiera.onnx", (128, 128))
+    check_onnx(path, model, torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(3)))
     assert fused and all(m.fused_attn for m in fused)
 
 
