@@ -11,6 +11,7 @@ same command and config work from one CPU to many nodes.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "dist_env", "dist_ready", "world_size", "all_reduce_sum",
+__all__ = ["DistEnv", "init_distributed", "close_process_group", "dist_env", "dist_ready", "world_size",
+           "all_reduce_sum",
            "mean_over_processes", "all_gather_objects", "broadcast_parameters", "broadcast_buffers"]
 
 
@@ -124,6 +126,18 @@ def _broadcast(tensors: Sequence[torch.Tensor], src: int) -> None:
             dist.broadcast(flat, src)
             for t, part in zip(group, torch.split(flat, [t.numel() for t in group])):
                 t.data.copy_(part.view_as(t))
+
+
+def close_process_group() -> None:
+    """End this process's part of the default process group, if one was started: first the objects
+    that hold it and are only freed by the garbage collector (a trainer and its hooks form a reference
+    cycle, and the trainer holds DDP's reducer, which holds the group), so that the group is destroyed
+    here, while everything is alive, and not during interpreter shutdown, when its threads can no longer
+    take the GIL (seen: a worker aborting with "terminate called without an active exception" after a
+    finished run). The caller drops its own references first."""
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def mean_over_processes(t: torch.Tensor) -> torch.Tensor:

@@ -32,14 +32,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
 
 from mtvision.config import ConfigError
 from mtvision.engine import autocast_context, evaluate_model, write_json
 from mtvision.engine.cli import (checkpoint_tool_parser, config_from_args, exit_on_user_error,
                                  load_trained_model, tasks_without_baseline, val_loader)
 from mtvision.engine.builders import resolve_device
-from mtvision.distributed import dist_env, init_distributed
+from mtvision.distributed import close_process_group, dist_env, init_distributed
 from mtvision.engine.logging import format_table
 from mtvision.evaluation import read_baselines, relative_changes, without_tasks
 
@@ -85,8 +84,7 @@ def main(argv=None) -> int:
     try:
         return _main(argv)
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        close_process_group()
 
 
 def _main(argv=None) -> int:

@@ -14,7 +14,8 @@ the parameters the step starts from:
 
 Writes ``DIR/affinity.json`` (``tasks``, ``affinity`` and ``cosine`` T x T, ``conflict_fraction``,
 ``groupings`` per budget k: the groups TAG's network selection picks and their predicted score),
-``DIR/affinity.png`` and ``DIR/cosine.png`` (heatmaps), and prints the tables. Runs under torchrun
+``DIR/affinity.png`` and ``DIR/cosine.png`` (heatmaps), and prints the tables. A ``DIR`` that holds a
+previous call's results is refused unless ``--overwrite``. Runs under torchrun
 as training does (the measurements are averaged over the processes: the same as one process on the
 global batch).
 """
@@ -22,6 +23,7 @@ global batch).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +31,9 @@ import cv2
 
 from mtvision.config import ConfigError, apply_overrides
 from mtvision.engine import Trainer, write_json
-from mtvision.engine.cli import add_config_arguments, config_from_args, exit_on_user_error
+from mtvision.distributed import close_process_group
+from mtvision.engine.cli import (add_config_arguments, config_from_args, exit_on_user_error, previous_run,
+                                 remove_previous_run)
 from mtvision.relations import groupings_for_budgets, heatmap
 from mtvision.relations.hook import relations_table
 
@@ -46,6 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-overlap", action="store_true",
                         help="groupings that partition the tasks (default: groups may share tasks, as TAG)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results and the run a previous call left in --out")
     args = parser.parse_intermixed_args(argv)
     if args.every < 1 or (args.iters is not None and args.iters < 1):
         parser.error("--every and --iters must be positive")
@@ -62,20 +68,36 @@ def main(argv=None) -> int:
     cfg = apply_overrides(cfg, extra)
     if len(cfg.data.tasks) < 2:
         raise ConfigError(f"data.tasks: task relations need at least two tasks, got {list(cfg.data.tasks)}")
+    # decided from the files alone, before anything is written, so every torchrun process decides alike
+    previous = previous_run(args.out / "run") or (args.out / "affinity.json").is_file()
+    if previous and not args.overwrite:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"error: {args.out} already holds the results of a previous call; choose another --out, or "
+                  f"--overwrite to replace them", file=sys.stderr)
+        return 2
+    if previous and int(os.environ.get("RANK", "0")) == 0:
+        remove_previous_run(args.out / "run")
+        (args.out / "affinity.json").unlink(missing_ok=True)
     trainer = Trainer(cfg, progress=False if args.no_progress else None)
-    trainer.train()
-    if not trainer.is_main:
+    try:
+        trainer.train()
+        summary = trainer.relations.summary() if trainer.is_main else None
+        work_dir, iterations = trainer.work_dir, trainer.iteration
+        mean_affinity = trainer.relations.mean_affinity
+    finally:
+        trainer = None  # it holds the process group under torchrun
+        close_process_group()
+    if summary is None:
         return 0
-    summary = trainer.relations.summary()
     if "affinity" not in summary:
         print("error: no affinity was measured (every measurement had a non-finite loss or gradient); see "
-              f"{trainer.work_dir / 'train.log'}", file=sys.stderr)
+              f"{work_dir / 'train.log'}", file=sys.stderr)
         return 1
     tasks = summary["tasks"]
     affinity = summary["affinity"]["mean"]
-    groupings = groupings_for_budgets(trainer.relations.mean_affinity, tasks, overlap=not args.no_overlap)
+    groupings = groupings_for_budgets(mean_affinity, tasks, overlap=not args.no_overlap)
     lr = cfg.train.affinity_lr
-    out = {"tasks": tasks, "iterations": trainer.iteration, "every": args.every,
+    out = {"tasks": tasks, "iterations": iterations, "every": args.every,
            "lookahead_lr": lr if lr is not None else "optimizer",
            "affinity": affinity, "affinity_measurements": summary["affinity"]["steps"],
            "cosine": summary["gradients"]["mean_cosine"],
@@ -85,7 +107,7 @@ def main(argv=None) -> int:
            "groupings": {str(g.k): g.as_dict() for g in groupings}, "overlap": not args.no_overlap}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(out, args.out / "affinity.json")
-    pictures = {"affinity.png": heatmap(affinity, tasks, f"lookahead affinity, {trainer.iteration} steps",
+    pictures = {"affinity.png": heatmap(affinity, tasks, f"lookahead affinity, {iterations} steps",
                                         row_title="row: the task whose step is taken; column: the loss"),
                 "cosine.png": heatmap(out["cosine"], tasks, "mean gradient cosine (shared parameters)",
                                       limit=1.0)}

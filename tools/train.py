@@ -34,42 +34,18 @@ batch), e.g. on 4 GPUs of one machine, or on 2 machines (run on each):
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import shutil
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
+from mtvision.distributed import close_process_group
 from mtvision.engine import Trainer
-from mtvision.engine.checkpoint import CheckpointError
 from mtvision.engine.cli import (add_config_arguments, config_from_args, exit_on_user_error, is_user_error,
-                                 peek_checkpoint)
+                                 previous_run, remove_previous_run)
 from mtvision.engine.logging import format_table
 from mtvision.engine.trainer import TrainingError
 
 AUTO = "auto"
-CHECKPOINTS = ("last.pth", "best.pth")
-
-
-def previous_run(work_dir: Path) -> str | None:
-    """``"iteration N"`` of the run whose checkpoints ``work_dir`` holds, None when it holds none."""
-    found = [p for p in (work_dir / "checkpoints" / name for name in CHECKPOINTS) if p.is_file()]
-    if not found:
-        return None
-    try:
-        return f"iteration {peek_checkpoint(found[0]).get('iteration')}"
-    except (CheckpointError, OSError):
-        return f"{found[0].name} unreadable"
-
-
-def remove_previous_run(work_dir: Path) -> None:
-    """Delete the previous run's ``checkpoints/``, ``metrics.json`` and ``tb/`` from ``work_dir``."""
-    for name in ("checkpoints", "tb"):
-        if (work_dir / name).is_dir():
-            shutil.rmtree(work_dir / name)
-    (work_dir / "metrics.json").unlink(missing_ok=True)
 
 
 @exit_on_user_error
@@ -135,14 +111,8 @@ def main(argv=None) -> int:
         print(f"work dir: {trainer.work_dir}")
         return 0
     finally:
-        # The trainer (its hooks point back at it: a reference cycle) holds DDP's reducer, which holds the
-        # process group: left to the garbage collector, the group would be destroyed during interpreter
-        # shutdown, when its threads can no longer take the GIL (seen: a worker aborting with "terminate
-        # called without an active exception" after a finished run). Freed here, while all is alive.
-        trainer = None  # noqa: F841
-        gc.collect()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        trainer = None  # noqa: F841 - it holds the process group (close_process_group says why)
+        close_process_group()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,8 @@ from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 
 __all__ = ["CHECKPOINT_CONFIG_HELP", "RUN_DATA_KEYS", "add_config_arguments", "checkpoint_config", "is_user_error",
            "checkpoint_tool_parser", "config_for_checkpoint", "config_from_args", "exit_on_user_error",
-           "load_trained_model", "peek_checkpoint", "tasks_without_baseline", "val_loader"]
+           "load_trained_model", "peek_checkpoint", "previous_run", "remove_previous_run",
+           "tasks_without_baseline", "val_loader"]
 
 #: The ``data`` settings that define what a trained model was evaluated on: a tool reading a checkpoint
 #: takes them from the config stored in it.
@@ -89,6 +91,29 @@ def peek_checkpoint(path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not an mtvision checkpoint (no 'model' entry)")
     return state
+
+
+CHECKPOINTS = ("last.pth", "best.pth")
+
+
+def previous_run(work_dir: Path) -> Optional[str]:
+    """``"iteration N"`` of the run whose checkpoints ``work_dir`` holds, None when it holds none."""
+    found = [p for p in (Path(work_dir) / "checkpoints" / name for name in CHECKPOINTS) if p.is_file()]
+    if not found:
+        return None
+    try:
+        return f"iteration {peek_checkpoint(found[0]).get('iteration')}"
+    except (CheckpointError, OSError):
+        return f"{found[0].name} unreadable"
+
+
+def remove_previous_run(work_dir: Path) -> None:
+    """Delete the previous run's ``checkpoints/``, ``metrics.json`` and ``tb/`` from ``work_dir``."""
+    work_dir = Path(work_dir)
+    for name in ("checkpoints", "tb"):
+        if (work_dir / name).is_dir():
+            shutil.rmtree(work_dir / name)
+    (work_dir / "metrics.json").unlink(missing_ok=True)
 
 
 def checkpoint_config(path) -> Optional[dict]:

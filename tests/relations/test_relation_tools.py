@@ -46,6 +46,13 @@ def test_task_affinity_writes_the_matrices_groupings_and_pictures(tmp_path):
     for name in ("affinity.png", "cosine.png"):
         assert (tmp_path / "aff" / name).stat().st_size > 1000
     assert "lookahead affinity" in out.stdout and "k=2:" in out.stdout
+    # a second call into the same folder would replace those results: refused, nothing touched
+    before = (tmp_path / "aff" / "affinity.json").read_bytes()
+    again = subprocess.run([sys.executable, str(ROOT / "tools" / "task_affinity.py"), str(cfg), "--out",
+                            str(tmp_path / "aff"), "--iters", "4", "--every", "2"], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr[-2000:]
+    assert (tmp_path / "aff" / "affinity.json").read_bytes() == before
 
 
 def test_task_groups_trains_every_group_and_ranks_the_groupings(tmp_path):
