@@ -188,29 +188,42 @@ class LossWeightingBalancer(Balancer):
             self.weighting.pre_backward(losses, list(self._last_shared()))
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         weights = host[T + 1: 2 * T + 1]
-        derived = max(range(T), key=lambda t: abs(weights[t]))  # its gradient follows from the step's
-        if measure:
-            from .task_gradients import flat_task_gradients
-
-            T, P = losses.numel(), sum(p.numel() for p in self._shared)
-            if self._rows is None or self._rows.shape != (T, P):
-                self._rows = self._shared[0].new_empty(T, P)
-            rows = flat_task_gradients(losses, self._shared, self._rows, scale, skip=(derived,),
-                                       outputs=[forward.outputs[t] for t in self.tasks], keep_graph=True)
+        rows = self._task_rows(losses, forward, weights, scale) if measure else None
         (total if scaler is None else scaler.scale(total)).backward()
         if world_size() > 1:  # UW's log-variances are not in DDP: averaged here
             for p in self.parameters():
                 if p.grad is not None:
                     p.grad = mean_over_processes(p.grad)
-        if measure and weights[derived] != 0:
-            result.gram = self._gramian(rows, weights, derived, scale)
+        if rows is not None:
+            result.gram = self._gramian(rows, weights, scale)
         return result
 
-    def _gramian(self, rows: Tensor, weights: Sequence[float], derived: int, scale: float) -> Tensor:
-        """The rows averaged over processes, the ``derived`` one from the step's gradient (DDP averaged
-        it), and their Gramian (unscaled, float64 on the host)."""
+    @staticmethod
+    def _derived_task(weights: Sequence[float]) -> int:
+        """The task whose gradient a measuring step derives from the step's: the largest weight."""
+        return max(range(len(weights)), key=lambda t: abs(weights[t]))
+
+    def _task_rows(self, losses: Tensor, forward: Forward, weights: Sequence[float], scale: float):
+        """``[T, P]``: every task's gradient of the shared parameters but the derived one's, by backward
+        passes that keep the graph for the step's own; None when every weight is 0 (nothing to derive
+        from)."""
+        from .task_gradients import flat_task_gradients
+
+        derived = self._derived_task(weights)
+        if weights[derived] == 0:
+            return None
+        T, P = losses.numel(), sum(p.numel() for p in self._shared)
+        if self._rows is None or self._rows.shape != (T, P):
+            self._rows = self._shared[0].new_empty(T, P)
+        return flat_task_gradients(losses, self._shared, self._rows, scale, skip=(derived,),
+                                   outputs=[forward.outputs[t] for t in self.tasks], keep_graph=True)
+
+    def _gramian(self, rows: Tensor, weights: Sequence[float], scale: float) -> Tensor:
+        """The rows averaged over processes, the derived one from the step's gradient (DDP averaged it),
+        and their Gramian (unscaled, float64 on the host)."""
         from ..ops import gram_matrix
 
+        derived = self._derived_task(weights)
         others = [t for t in range(rows.shape[0]) if t != derived]
         if world_size() > 1:
             rows[others] = mean_over_processes(rows[others])

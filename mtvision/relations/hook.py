@@ -4,7 +4,7 @@ saved in checkpoints and summarised in ``metrics.json``) and writes TensorBoard 
 
 from __future__ import annotations
 
-import torch
+from torch import Tensor
 
 from ..engine.hooks import HookBase
 from ..engine.logging import format_table
@@ -88,9 +88,8 @@ class TaskRelationHook(HookBase):
             if t.logger is not None:
                 t.logger.warning("iter %d: task relations not measured (non-finite loss or gradient)", step)
             return
-        if grads:
-            t.relations.add_gram(result.gram)
-            self._write_gradients(step, result)
+        if grads and t.relations.add_gram(result.gram):
+            self._write_gradients(step, result.gram)
         if affinity and t.relations.add_affinity(result.affinity):
             self._write_affinity(step, result, lr)
 
@@ -99,15 +98,15 @@ class TaskRelationHook(HookBase):
             return
         t = self.trainer
         if t.relations.add_gram(outcome.gram) and self._due(self.monitor, t.iteration):
-            self._write_gradients(t.iteration, ProbeResult(torch.zeros(0), outcome.gram))
+            self._write_gradients(t.iteration, outcome.gram)
 
-    def _write_gradients(self, step: int, result: ProbeResult) -> None:
+    def _write_gradients(self, step: int, gram: Tensor) -> None:
         t = self.trainer
         if t.writer is None:
             return
         tasks, rel = t.tasks, t.relations
         cos = rel.last_cosine
-        norms = result.gram.diagonal().clamp_min(0).sqrt()
+        norms = gram.diagonal().clamp_min(0).sqrt()
         t.writer.add_scalars("relations/grad_norm", {k: float(v) for k, v in zip(tasks, norms)}, step)
         t.writer.add_scalars("relations/cosine", {f"{tasks[i]}~{tasks[j]}": float(cos[i, j])
                                                   for i, j in _pairs(tasks)}, step)

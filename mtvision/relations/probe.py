@@ -137,18 +137,16 @@ class TaskGradientProbe:
             return result
         saved = [p.detach().clone() for p in self.shared]
         after = torch.empty(T, T, dtype=torch.float64, device=ref.device)
-        try:
-            for i in range(T):
-                with torch.no_grad():
+        for i in range(T):
+            with torch.no_grad():
+                try:
                     torch._foreach_add_(self.shared, [c.view_as(p) for c, p in
                                                       zip(torch.split(rows[i], sizes), self.shared)],
                                         alpha=-float(lookahead_lr))
                     rng.reset()
                     after[i] = self._call(task_losses)[0].detach().double().reshape(-1)
+                finally:  # the parameters the step starts from, whatever happened
                     torch._foreach_copy_(self.shared, saved)
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(self.shared, saved)
         after_host = self._mean_over_processes(after).cpu()
         if not bool(torch.isfinite(after_host).all()):
             return None
