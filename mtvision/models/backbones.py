@@ -344,6 +344,12 @@ def build_backbone(name: str, pretrained: Optional[str] = None, out_indices: Opt
             raise BackboneError("out_indices", f"expected null or a list of ints, got {out_indices!r}")
     if timm_kwargs is not None and not isinstance(timm_kwargs, dict):
         raise BackboneError("timm_kwargs", f"expected a mapping, got {timm_kwargs!r}")
+    for key in timm_kwargs or {}:
+        # timm drops None-valued arguments without a word, so YAML's {depth:2} (no space: one key
+        # "depth:2" with value null) would build the default model silently
+        if not isinstance(key, str) or not key.isidentifier():
+            hint = " (YAML needs a space after the colon: {depth: 2})" if ":" in str(key) else ""
+            raise BackboneError("timm_kwargs", f"{key!r} is not an argument name{hint}")
     if output_stride is not None:
         if isinstance(output_stride, bool) or output_stride not in _OUTPUT_STRIDES:
             raise BackboneError("output_stride", f"expected null or one of {', '.join(map(str, _OUTPUT_STRIDES))}, "

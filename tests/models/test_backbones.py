@@ -94,6 +94,13 @@ def test_patch14_vit_trains_a_step():
     assert any(g.abs().sum() > 0 for g in grads[:5])  # reaches the patch embedding
 
 
+def test_timm_kwargs_key_that_is_not_an_argument_name_is_named():
+    """YAML's ``{depth:2}`` is one key "depth:2" with value null, which timm would drop silently."""
+    with pytest.raises(BackboneError, match="'depth:2' is not an argument name.*space after the colon") as e:
+        build_backbone("vit_tiny_patch16_224", timm_kwargs={"depth:2": None})
+    assert e.value.key == "timm_kwargs"
+
+
 def test_vit_bad_block_indices():
     with pytest.raises(BackboneError, match="out of range") as e:
         build_backbone("vit_tiny_patch16_224", out_indices=[12])
