@@ -20,16 +20,29 @@ Two kinds, built by :func:`build_backbone`:
   ``dynamic_img_size=True`` (position embeddings are interpolated per input), so **any input whose height and width are multiples of the patch size**
   works; other sizes raise ``ValueError``.
 
-Pretrained weights are read from a local file only (``.pth``/``.pt``/``.bin`` through
-``torch.load(weights_only=True)``, or ``.safetensors``) holding a timm-format state dict of the same
-architecture (e.g. ``timm.create_model(name).state_dict()``). Nothing is ever downloaded.
+Pretrained weights (``pretrained``):
+
+- ``None`` / ``False``: random initialisation.
+- a local file path (the offline default): ``.pth``/``.pt``/``.bin`` through
+  ``torch.load(weights_only=True)``, or ``.safetensors``, holding a timm-format state dict of the same
+  architecture (e.g. ``timm.create_model(name).state_dict()``).
+- ``True``: timm's published weights for the model (its ``pretrained_cfg``), fetched as
+  ``timm.create_model(name, pretrained=True)`` fetches them: from the Hugging Face hub (``hf_hub_id``;
+  cached in huggingface_hub's cache, ``HF_HOME`` / ``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` reads the cache
+  only) or, for the few models timm has only a URL for, through ``torch.hub`` (cached under
+  ``TORCH_HOME``). A model without published weights, an offline run without the file in the cache and
+  a failed download are :class:`BackboneError` (key ``pretrained``) saying which file was wanted, where
+  the cache is and how to get the file.
+
+Nothing is downloaded unless ``pretrained`` is ``True``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import timm
 import torch.nn.functional as F
@@ -124,6 +137,182 @@ def _state_dict_overlay(sd: dict[str, Tensor]) -> dict[str, Any]:
                 custom_load=False)
 
 
+def _forget_state_dict(model: nn.Module) -> nn.Module:
+    """Drop the overlay's state dict that timm keeps in ``model.pretrained_cfg`` (a second copy of every
+    weight for as long as the model lives)."""
+    for m in model.modules():
+        cfg = getattr(m, "pretrained_cfg", None)
+        if isinstance(cfg, dict):
+            cfg.pop("state_dict", None)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Published weights (pretrained: true): fetched where timm fetches them, with errors that say what to do
+
+_USE_LOCAL_FILE = "or download it and set model.backbone.pretrained to the local file's path"
+
+
+def _hub_offline() -> bool:
+    """huggingface_hub's offline mode (``HF_HUB_OFFLINE=1``, read when huggingface_hub is imported)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return bool(os.environ.get("HF_HUB_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hf_cli() -> str:
+    """The download command of the installed huggingface_hub (``hf`` since 0.34, before that
+    ``huggingface-cli``)."""
+    import huggingface_hub
+
+    try:
+        version = tuple(int(p) for p in huggingface_hub.__version__.split(".")[:2])
+    except ValueError:
+        version = (1, 0)
+    return "hf download" if version >= (0, 34) else "huggingface-cli download"
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions of a failed HTTP request: OSError (urllib's and requests' errors derive from it) and the
+    HTTP client huggingface_hub uses (httpx / httpx2, whose errors do not)."""
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx", "httpx2"):
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(getattr(mod, "HTTPError", None), type):
+            errors.append(mod.HTTPError)
+    return tuple(errors)
+
+
+def _published_cfg(name: str):
+    """timm's pretrained config of ``name`` (its default tag when the name has none)."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as e:  # an unknown pretrained tag
+        raise BackboneError("name", str(e)) from e
+    return cfg
+
+
+def _no_weights_error(name: str) -> BackboneError:
+    arch = timm.models.get_arch_name(name)
+    tagged = timm.list_pretrained(f"{arch}.*")
+    other = f" (timm has published weights for {_short(tagged, 4)})" if tagged else ""
+    return BackboneError("pretrained", f"timm model {name!r} has no published pretrained weights (its "
+                                       f"pretrained_cfg names no Hugging Face hub repo or URL){other}; set "
+                                       "model.backbone.pretrained to a local weights file (a timm-format "
+                                       "state dict of this architecture), or to null for random init; "
+                                       "timm.list_pretrained() lists the models that have published weights")
+
+
+def _hub_weights_file(name: str, repo: str, filename: Optional[str]) -> str:
+    """Local path of the weights file of hub repo ``repo`` (``repo@revision`` allowed), from the cache or
+    downloaded into it. Like timm's ``load_state_dict_from_hf``: a ``.safetensors`` alternative of a
+    ``.bin`` file is preferred."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    repo_id, _, revision = repo.partition("@")
+    filename = filename or "pytorch_model.bin"
+    candidates = [filename]
+    if filename.endswith(".bin"):
+        candidates.insert(0, "model.safetensors" if filename == "pytorch_model.bin"
+                          else filename[:-4] + ".safetensors")
+    uncached: Optional[BaseException] = None
+    for candidate in candidates:
+        try:
+            return hf_hub_download(repo_id, filename=candidate, revision=revision or None)
+        except LocalEntryNotFoundError as e:  # offline or hub unreachable, and not in the cache
+            uncached = uncached or e
+        except EntryNotFoundError:  # the repo has no such file: try the next one
+            continue
+        except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # GatedRepoError included
+            reason = f"the hub refused it ({type(e).__name__}: {e}; a private or gated repo needs a login)"
+            raise _hub_error(name, repo, candidates, reason) from e
+        except _network_errors() as e:  # HfHubHTTPError, OSError, requests / httpx errors
+            raise _hub_error(name, repo, candidates, f"the download failed ({type(e).__name__}: {e})") from e
+    if uncached is None:
+        raise _hub_error(name, repo, candidates, "the hub repo has none of these files")
+    if _hub_offline():
+        raise _hub_error(name, repo, candidates,
+                         "offline mode is on (HF_HUB_OFFLINE=1) and the file is not in the cache") from None
+    raise _hub_error(name, repo, candidates,
+                     f"the file is not in the cache and the hub cannot be reached ({uncached})") from uncached
+
+
+def _hub_error(name: str, repo: str, candidates: Sequence[str], reason: str) -> BackboneError:
+    from huggingface_hub import constants
+
+    files = " or ".join(candidates)
+    repo_id, _, revision = repo.partition("@")
+    if revision:
+        repo_id += f" --revision {revision}"
+    return BackboneError(
+        "pretrained",
+        f"cannot get the published weights of timm model {name!r}: file {files} of Hugging Face hub repo "
+        f"{repo!r}: {reason}. The hub cache is {constants.HF_HUB_CACHE} (HF_HOME={constants.HF_HOME}; "
+        f"HF_HUB_CACHE / HF_HOME choose another). To get the file: run once with network access (it is "
+        f"then cached there), or run `{_hf_cli()} {repo_id} {candidates[0]}` where the hub can be reached "
+        f"(with the same HF_HOME), {_USE_LOCAL_FILE}")
+
+
+def _url_weights_file(name: str, url: str) -> str:
+    """Local path of a weights file timm has only a URL for (torch.hub's cache, as timm's
+    ``load_state_dict_from_url`` keeps it), downloaded when it is not there and the run is not offline."""
+    from urllib.parse import urlparse
+
+    from torch.hub import download_url_to_file, get_dir
+
+    cache = os.path.join(get_dir(), "checkpoints")
+    path = os.path.join(cache, os.path.basename(urlparse(url).path))
+    if os.path.isfile(path):
+        return path
+    how = (f"The torch.hub cache is {cache} (TORCH_HOME chooses another). To get the file: run once with "
+           f"network access, or download {url} into that folder, {_USE_LOCAL_FILE}")
+    if _hub_offline():
+        raise BackboneError("pretrained", f"cannot get the published weights of timm model {name!r} ({url}): "
+                                          f"offline mode is on (HF_HUB_OFFLINE=1) and the file is not in the "
+                                          f"cache. {how}")
+    try:
+        os.makedirs(cache, exist_ok=True)
+        download_url_to_file(url, path, progress=True)
+    except _network_errors() as e:  # urllib's URLError / HTTPError, disk errors
+        raise BackboneError("pretrained", f"cannot download the published weights of timm model {name!r} "
+                                          f"({url}): {type(e).__name__}: {e}. {how}") from e
+    return path
+
+
+def _published_state_dict(name: str) -> dict[str, Tensor]:
+    """The state dict of timm's published weights for ``name`` (``pretrained: true``), as
+    ``timm.create_model(name, pretrained=True)`` would read it: from the Hugging Face hub when timm names
+    a hub repo, else from its URL; :class:`BackboneError` (key ``pretrained``) when there are none or the
+    file cannot be had."""
+    cfg = _published_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    url = getattr(cfg, "url", None) if cfg is not None else None
+    if hub_id:
+        path = _hub_weights_file(name, hub_id, getattr(cfg, "hf_hub_filename", None))
+    elif url:
+        path = _url_weights_file(name, url)
+    else:
+        raise _no_weights_error(name)
+    return _read_state_dict(path)
+
+
+def _create_published(name: str, **kw) -> nn.Module:
+    """``timm.create_model(name, pretrained=True, **kw)`` with the published weights read above (timm's
+    own checkpoint filter and classifier / input-channel adaptation apply)."""
+    sd = _published_state_dict(name)
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=_state_dict_overlay(sd), **kw)
+    except RuntimeError as e:  # strict load: the published weights do not fit (e.g. timm_kwargs depth)
+        extra = f" built with {kw}" if kw else ""
+        raise BackboneError("pretrained", f"the published weights of timm model {name!r} do not fit the "
+                                          f"model{extra}: {e}") from e
+    return _forget_state_dict(model)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Backbones
 
@@ -137,9 +326,12 @@ class TimmCNNBackbone(nn.Module):
     largest stride).
     """
 
-    def __init__(self, name: str, pretrained: Optional[str] = None, out_indices: Optional[Sequence[int]] = None,
-                 timm_kwargs: Optional[dict[str, Any]] = None, output_stride: Optional[int] = None):
+    def __init__(self, name: str, pretrained: Union[str, bool, None] = None,
+                 out_indices: Optional[Sequence[int]] = None, timm_kwargs: Optional[dict[str, Any]] = None,
+                 output_stride: Optional[int] = None):
         super().__init__()
+        if pretrained is False:
+            pretrained = None
         kw = dict(timm_kwargs or {})
         if out_indices is not None:
             kw["out_indices"] = tuple(int(i) for i in out_indices)
@@ -149,13 +341,17 @@ class TimmCNNBackbone(nn.Module):
             if pretrained is None:
                 body = timm.create_model(name, pretrained=False, features_only=True, **kw)
             else:
-                # Check and load the file into the full model (strict apart from the classifier), then
-                # let timm build the features model from those exact tensors.
+                # Check and load the file (or timm's published weights) into the full model (strict apart
+                # from the classifier), then let timm build the features model from those exact tensors.
                 full_kw = {k: v for k, v in kw.items() if k != "out_indices"}
-                full = timm.create_model(name, pretrained=False, **full_kw)
-                _load_into(full, pretrained, name)
+                if pretrained is True:
+                    full = _create_published(name, **full_kw)
+                else:
+                    full = timm.create_model(name, pretrained=False, **full_kw)
+                    _load_into(full, pretrained, name)
                 body = timm.create_model(name, pretrained=True, features_only=True,
                                          pretrained_cfg_overlay=_state_dict_overlay(full.state_dict()), **kw)
+                _forget_state_dict(body)
                 del full
         except TypeError as e:
             if output_stride is not None and "output_stride" in str(e):
@@ -228,19 +424,24 @@ class ViTBackbone(nn.Module):
     Blocks after the deepest one used, the final norm and the classifier are removed.
     """
 
-    def __init__(self, name: str, pretrained: Optional[str] = None, block_indices: Optional[Sequence[int]] = None,
-                 timm_kwargs: Optional[dict[str, Any]] = None):
+    def __init__(self, name: str, pretrained: Union[str, bool, None] = None,
+                 block_indices: Optional[Sequence[int]] = None, timm_kwargs: Optional[dict[str, Any]] = None):
         super().__init__()
+        if pretrained is False:
+            pretrained = None
         kw = dict(timm_kwargs or {})
         kw.setdefault("dynamic_img_size", True)
         try:
-            vit = timm.create_model(name, pretrained=False, **kw)
+            if pretrained is True:  # the full model with timm's published weights, pruned below
+                vit = _create_published(name, **kw)
+            else:
+                vit = timm.create_model(name, pretrained=False, **kw)
         except TypeError as e:
             raise BackboneError("timm_kwargs", f"timm model {name!r} rejected its arguments: {e}") from e
         if not isinstance(vit, (VisionTransformer, Eva)):
             raise BackboneError("name", f"timm model {name!r} is a {type(vit).__name__}, not a "
                                         "VisionTransformer or Eva")
-        if pretrained is not None:
+        if isinstance(pretrained, str):
             _load_into(vit, pretrained, name)
 
         depth = len(vit.blocks)
@@ -313,14 +514,19 @@ def is_vit_name(name: str) -> bool:
 
 
 @BACKBONES.register("timm")
-def build_backbone(name: str, pretrained: Optional[str] = None, out_indices: Optional[Sequence[int]] = None,
-                   timm_kwargs: Optional[dict[str, Any]] = None, output_stride: Optional[int] = None) -> nn.Module:
+def build_backbone(name: str, pretrained: Union[str, bool, None] = None,
+                   out_indices: Optional[Sequence[int]] = None, timm_kwargs: Optional[dict[str, Any]] = None,
+                   output_stride: Optional[int] = None) -> nn.Module:
     """A backbone from a timm model name; the result has ``out_channels`` and ``strides`` lists and
     returns a list of NCHW maps.
 
-    - ``pretrained``: ``None`` (random init) or a local weights file (timm-format state dict, ``.pth``
-      or ``.safetensors``); a missing file raises ``FileNotFoundError``, a mismatching one
-      :class:`BackboneError` naming the file and the missing/unexpected keys. Never downloads.
+    - ``pretrained``: ``None`` or ``False`` (random init), a local weights file (timm-format state dict,
+      ``.pth`` or ``.safetensors``; a missing file raises ``FileNotFoundError``, a mismatching one
+      :class:`BackboneError` naming the file and the missing/unexpected keys), or ``True``: timm's
+      published weights, as ``timm.create_model(name, pretrained=True)`` gets them (Hugging Face hub and
+      its cache; see the module docstring). Only ``True`` ever downloads; no published weights, an
+      offline run without them in the cache or a failed download is a :class:`BackboneError` saying how
+      to get the file.
     - ``out_indices``: CNNs: timm feature indices (default: every level with stride >= 4); ViTs: block
       indices (1 or 4, default the last block).
     - ``timm_kwargs``: extra arguments for ``timm.create_model`` (e.g. ``drop_path_rate``).
@@ -333,9 +539,12 @@ def build_backbone(name: str, pretrained: Optional[str] = None, out_indices: Opt
         close = difflib.get_close_matches(str(name), timm.list_models(), n=3) if isinstance(name, str) else []
         hint = f" (did you mean: {', '.join(close)}?)" if close else ""
         raise BackboneError("name", f"unknown timm model {name!r}{hint}")
-    if pretrained is not None:
+    if pretrained is False:
+        pretrained = None
+    if pretrained is not None and pretrained is not True:
         if not isinstance(pretrained, (str, os.PathLike)):
-            raise BackboneError("pretrained", f"expected null or a file path, got {pretrained!r}")
+            raise BackboneError("pretrained", f"expected null, true (timm's published weights) or a file "
+                                              f"path, got {pretrained!r}")
         pretrained = os.fspath(pretrained)
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(f"pretrained weights file not found: {pretrained!r}")
