@@ -1,7 +1,7 @@
 """The registries every component is found through, by the name a config gives it.
 
-One :class:`Registry` per kind: ``HEADS``, ``NECKS``, ``BACKBONES``, ``DATASETS``, ``BALANCERS`` and
-``TASKS``. A registry reads like a read-only dict (``name in HEADS``, ``HEADS["fcos"]``, ``list(HEADS)``);
+One :class:`Registry` per kind: ``HEADS``, ``NECKS``, ``BACKBONES``, ``DATASETS``, ``BALANCERS``,
+``TASKS`` and ``ARCHS`` (multi-task architectures: a builder taking the part factories). A registry reads like a read-only dict (``name in HEADS``, ``HEADS["fcos"]``, ``list(HEADS)``);
 ``@HEADS.register("name")`` adds a class. The built-in components register themselves the same way, in
 the modules that define them; a registry imports those modules the first time it is read, so
 ``mtvision.registry.HEADS`` lists the built-ins even before ``mtvision.models`` was imported.
@@ -19,7 +19,7 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
-__all__ = ["Registry", "HEADS", "NECKS", "BACKBONES", "DATASETS", "BALANCERS", "TASKS",
+__all__ = ["Registry", "HEADS", "NECKS", "BACKBONES", "DATASETS", "BALANCERS", "TASKS", "ARCHS",
            "import_custom_modules", "check_kwargs"]
 
 
@@ -144,3 +144,4 @@ BACKBONES = Registry("backbone", ["mtvision.models.backbones"])
 DATASETS = Registry("dataset", ["mtvision.data.builders"])
 BALANCERS = Registry("balancing method", ["mtvision.balancing"])
 TASKS = Registry("task", ["mtvision.tasks"])
+ARCHS = Registry("architecture", ["mtvision.models.multitask", "mtvision.models.arch"])

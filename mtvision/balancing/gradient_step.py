@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ..distributed import world_size
 from ..ops import gram_matrix
+from ..tasks.outputs import as_output_lists, task_output_tensors
 from .aggregators import GradientAggregator
 from .step import Balancer, BalanceResult, Forward
 
@@ -160,7 +161,7 @@ class GradientBalancer(Balancer):
                 p.grad = None
         objective = a.task_losses(losses, mean_losses)
         c = self.combine(scaler.scale(objective) if fp16 else objective,
-                         [f.outputs[t] for f in forwards for t in self.tasks],
+                         [o for f in forwards for o in task_output_tensors(f.outputs, self.tasks)],
                          forwards[0].features, forwards[0].head_inputs,
                          1.0 / scaler.get_scale() if fp16 else None, read_with_gram=read,
                          max_norm=max_norm if fold_clip else None, mean_losses=mean_losses)
@@ -222,21 +223,25 @@ class GradientBalancer(Balancer):
         if self._world_size() > 1:
             dist.all_reduce(tensor)
             tensor.div_(self._world_size())
-    def _per_task_grads(self, losses: Tensor, outputs: Sequence[Tensor], inputs: Sequence[Tensor],
+    def _per_task_grads(self, losses: Tensor, outputs: Sequence[Sequence[Tensor]], inputs: Sequence[Tensor],
                         rows: Sequence[Sequence[Tensor]]) -> None:
         """``rows[t][k]`` := d losses[t] / d inputs[k]; task parameters' .grad := their task's gradient.
 
-        Task t's loss reaches only task t's output, so one backward of ``sum_t losses[t]`` to the outputs
+        Task t's loss reaches only task t's outputs (``outputs[t]``: its prediction, and a deep-supervised
+        intermediate one where the model has it), so one backward of ``sum_t losses[t]`` to the outputs
         (the fused loss's single backward) gives every d L_t / d output_t; each task's backward then
-        starts from its own output and never walks the other heads (backward from ``losses[t]`` would,
+        starts from its own outputs and never walks the other heads (backward from ``losses[t]`` would,
         carrying zeros). With K batches (``K*T`` rows, batch-major) a task's parameters get the mean of
         its K gradients, or their sum (the method's ``head_reduction``)."""
         R, T = losses.shape[0], len(self.task_params)
         n = len(inputs)
-        output_grads = torch.autograd.grad(losses.sum(), list(outputs), retain_graph=True)
+        outputs = as_output_lists(outputs)
+        flat = [o for outs in outputs for o in outs]
+        flat_grads = iter(torch.autograd.grad(losses.sum(), flat, retain_graph=True))
+        output_grads = [[next(flat_grads) for _ in outs] for outs in outputs]
         for t in range(R):
             params = self.task_params[t % T]
-            grads = torch.autograd.grad(outputs[t], [*inputs, *params], grad_outputs=output_grads[t],
+            grads = torch.autograd.grad(list(outputs[t]), [*inputs, *params], grad_outputs=output_grads[t],
                                         retain_graph=t < R - 1, allow_unused=True)
             # one multi-tensor copy per task (a copy kernel per parameter would dominate on a GPU)
             input_grads = grads[:n]
@@ -329,7 +334,8 @@ class GradientBalancer(Balancer):
         method's weights; returns what was decided (:class:`GradientCombination`).
 
         ``losses``: the per-task losses ``[T]`` (graph alive; scaled under fp16); ``outputs``: each
-        task's prediction, in the same order (task t's loss depends on ``outputs[t]`` only). At the
+        task's outputs (:func:`~mtvision.tasks.outputs.task_output_tensors`), in the same order (task t's
+        loss depends on ``outputs[t]`` only). At the
         ``rep`` level also ``features`` (the backbone/neck outputs, graph alive) and ``head_inputs``
         (the detached leaves the heads were run on). ``read_with_gram``: a small tensor brought to the
         host together with the Gramian (``read``, float64).

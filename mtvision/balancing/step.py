@@ -208,6 +208,7 @@ class LossWeightingBalancer(Balancer):
         passes that keep the graph for the step's own; None when every weight is 0 (nothing to derive
         from)."""
         from .task_gradients import flat_task_gradients
+        from ..tasks.outputs import task_output_tensors
 
         derived = self._derived_task(weights)
         if weights[derived] == 0:
@@ -216,7 +217,7 @@ class LossWeightingBalancer(Balancer):
         if self._rows is None or self._rows.shape != (T, P):
             self._rows = self._shared[0].new_empty(T, P)
         return flat_task_gradients(losses, self._shared, self._rows, scale, skip=(derived,),
-                                   outputs=[forward.outputs[t] for t in self.tasks], keep_graph=True)
+                                   outputs=task_output_tensors(forward.outputs, self.tasks), keep_graph=True)
 
     def _gramian(self, rows: Tensor, weights: Sequence[float], scale: float) -> Tensor:
         """The rows averaged over processes, the derived one from the step's gradient (DDP averaged it),
@@ -284,6 +285,11 @@ def build_task_balancer(cfg, model, tasks: Sequence[str]) -> Balancer:
     if cfg.balancer.level not in method.levels:
         raise ConfigError(f"balancer.level: {name!r} is defined at the {' / '.join(method.levels)} level "
                           f"only, got {cfg.balancer.level!r}")
+    if cfg.balancer.level == "rep" and not getattr(model, "rep_level", True):
+        arch = (cfg.model.arch or {}).get("name", "hps")
+        raise ConfigError(f"balancer.level: 'rep' measures gradients at a representation every task reads; "
+                          f"model.arch.name {arch!r} gives each task its own network, so there is none: use "
+                          "balancer.level=param")
     generator = torch.Generator().manual_seed(int(cfg.seed))  # the T x T problem is solved on the host
     return GradientBalancer(method, list(model.shared_parameters()),
                             [list(model.task_parameters(t)) for t in tasks], level=cfg.balancer.level,

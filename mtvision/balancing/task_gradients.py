@@ -9,33 +9,40 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..tasks.outputs import as_output_lists
+
 __all__ = ["flat_task_gradients"]
 
 
 def flat_task_gradients(losses: Tensor, params: Sequence[Tensor], rows: Tensor, scale: float = 1.0,
-                        outputs: Optional[Sequence[Tensor]] = None, skip: Container[int] = (),
+                        outputs: Optional[Sequence[Sequence[Tensor]]] = None, skip: Container[int] = (),
                         keep_graph: bool = False) -> Tensor:
     """``rows[t]`` := the gradient of ``scale * losses[t]`` w.r.t. ``params``, flattened in order, for every
     task t not in ``skip`` (0 where a parameter is not reached); returns ``rows`` (``[T, P]``).
 
-    ``outputs``: each task's prediction, when task t's loss depends on ``outputs[t]`` only: one backward of
-    the summed losses to the outputs (a fused loss computes every task's at once), then each task's pass
-    starts from its own output and never walks the other heads with zero gradients. ``keep_graph``: keep
+    ``outputs``: each task's outputs (:func:`~mtvision.tasks.outputs.task_output_tensors`), when task t's
+    loss depends on ``outputs[t]`` only: one backward of the summed losses to the outputs (a fused loss
+    computes every task's at once), then each task's pass starts from its own outputs and never walks the other heads with zero gradients. ``keep_graph``: keep
     the graph after the last pass (the caller backpropagates through it again)."""
     T = losses.numel()
     todo = [t for t in range(T) if t not in skip]
     sizes = [p.numel() for p in params]
     output_grads = None
     if outputs is not None and todo:
-        output_grads = torch.autograd.grad(losses.sum() * scale, list(outputs), retain_graph=True,
-                                           allow_unused=True)
+        outputs = as_output_lists(outputs)
+        flat = [o for outs in outputs for o in outs]
+        flat_grads = iter(torch.autograd.grad(losses.sum() * scale, flat, retain_graph=True,
+                                              allow_unused=True))
+        output_grads = [[next(flat_grads) for _ in outs] for outs in outputs]
     for n, t in enumerate(todo):
         retain = keep_graph or n < len(todo) - 1
         if output_grads is not None:
-            if output_grads[t] is None:
+            reached = [(o, g) for o, g in zip(outputs[t], output_grads[t]) if g is not None]
+            if not reached:
                 rows[t].zero_()
                 continue
-            grads = torch.autograd.grad(outputs[t], list(params), grad_outputs=output_grads[t],
+            grads = torch.autograd.grad([o for o, _ in reached], list(params),
+                                        grad_outputs=[g for _, g in reached],
                                         retain_graph=retain, allow_unused=True)
         else:
             grads = torch.autograd.grad(losses[t] * scale, list(params), retain_graph=retain,

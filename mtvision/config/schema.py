@@ -97,6 +97,7 @@ class DataConfig:
 class ModelConfig:
     """Free-form dicts handed to ``mtvision.models.build_model`` (which validates their contents)."""
 
+    arch: dict[str, Any] = _f({"name": "hps"})
     backbone: dict[str, Any] = _f({"name": "resnet18", "pretrained": None})
     neck: dict[str, Any] = _f({"name": "fpn", "out_channels": 128})
     heads: dict[str, Any] = _f(

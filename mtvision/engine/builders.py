@@ -255,7 +255,7 @@ def check_tasks(cfg) -> list[str]:
 def check_input_size(model: nn.Module, size) -> None:
     """ConfigError naming ``data.size`` when the backbone cannot take it: a ViT needs multiples of its
     patch size (checked before any work, not at the first forward)."""
-    multiple = int(getattr(getattr(model, "backbone", None), "patch_size", 1) or 1)
+    multiple = int(getattr(model, "patch_size", 1) or 1)
     if any(int(s) % multiple for s in size):
         fit = [max(multiple, round(int(s) / multiple) * multiple) for s in size]
         raise ConfigError(f"data.size: {list(size)} is not a multiple of the backbone's patch size "
@@ -264,13 +264,19 @@ def check_input_size(model: nn.Module, size) -> None:
 
 def compile_model(model: nn.Module, retains_graph: bool) -> None:
     """``torch.compile`` the backbone, neck and heads in place (per submodule: the state_dict keys stay, and
-    ``forward_features`` / ``forward_heads`` run compiled too). ``retains_graph``: the balancer walks the
+    ``forward_features`` / ``forward_heads`` run compiled too); another architecture than ``hps`` as a
+    whole. ``retains_graph``: the balancer walks the
     graph more than once, so compiled backward functions must not donate (free and reuse) their saved
     buffers after the first pass."""
     if retains_graph:
         import torch._functorch.config as functorch_config
 
         functorch_config.donated_buffer = False
+    from ..models import MultiTaskModel
+
+    if not isinstance(model, MultiTaskModel):
+        model.compile()  # other architectures: as one graph (the state_dict keys stay too)
+        return
     for part in (model.backbone, model.neck, *model.heads.values()):
         if part is not None:
             part.compile()

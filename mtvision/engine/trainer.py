@@ -228,10 +228,13 @@ class Trainer:
             agreed = mean_over_processes(torch.cat([mean_losses.reshape(-1), losses.new_tensor(local)]))
             mean_losses, flags = agreed[:-2].view(losses.shape), agreed[-2:] * self.env.world_size
         clip = self.cfg.train.grad_clip
+        penalty = getattr(self.model, "add_penalty_grad", None)  # a regulariser outside the task losses
         result = self.balancer.backward(losses, mean_losses, forward, flags, scaler=self.scaler,
-                                        max_norm=clip)
+                                        max_norm=clip if penalty is None else None)
         stop, dropped = result.extra if flags is not None else (self.stop_signal is not None, local[1])
         skip = result.skip
+        if penalty is not None and not skip:  # its gradient is the same on every process: added after DDP's
+            result.values["penalty"] = penalty(float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0)
         if not skip and clip is not None and not result.clipped:
             self.scaler.unscale_(self.optimizer)
             norm = clip_grad_norm(self.trainable_params, clip)

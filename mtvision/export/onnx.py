@@ -165,7 +165,7 @@ def _output_meanings(graph: InferenceGraph) -> dict[str, str]:
 
 def size_multiple(model: nn.Module) -> int:
     """The input's height and width must be multiples of this (a ViT backbone's patch size; 1 for a CNN)."""
-    return int(getattr(model.backbone, "patch_size", 1))
+    return int(getattr(model, "patch_size", 1) or 1)
 
 
 def _exporter_friendly_attention(model: nn.Module) -> None:

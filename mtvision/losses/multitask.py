@@ -4,11 +4,13 @@ its own loss module (``Task.build_loss``)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..tasks import Task
+from ..tasks.outputs import initial_output_key
 from .dense import DenseMultiTaskLoss
 
 __all__ = ["MultiTaskLoss"]
@@ -45,13 +47,35 @@ class MultiTaskLoss(nn.Module):
         self._order = None if order == names else [order.index(n) for n in names]
 
     def task_losses(self, outputs: Mapping[str, Tensor], batch: Mapping[str, object]) -> Tensor:
+        """Float32 ``[T]`` in ``tasks`` order. A task whose deep-supervised intermediate prediction is in
+        ``outputs`` (``"<task>/initial"``, :mod:`mtvision.tasks.outputs`) adds its loss on it to its own."""
+        losses = self._losses(outputs, batch)
+        initial = {n: outputs[initial_output_key(n)] for n in self.tasks if initial_output_key(n) in outputs}
+        if not initial:
+            return losses
+        fused = [] if self.dense is None else self.dense.tasks
+        if fused and 0 < sum(n in initial for n in fused) < len(fused):
+            raise ValueError(f"MultiTaskLoss: intermediate predictions for {sorted(initial)} cover some of the "
+                             f"fused dense tasks {fused}, not all")
+        on_initial = self._losses({**outputs, **initial}, batch, only=set(initial))
+        mask = torch.tensor([n in initial for n in self.tasks], device=losses.device)
+        return losses + torch.where(mask, on_initial, torch.zeros_like(on_initial))
+
+    def _losses(self, outputs: Mapping[str, Tensor], batch: Mapping[str, object],
+                only: Optional[set] = None) -> Tensor:
+        """``[T]`` losses; with ``only``, the own-loss tasks not in it are 0 (not computed)."""
         parts = []
-        if self.dense is not None:
+        if self.dense is not None and (only is None or self.dense.tasks[0] in only):
             parts.append(self.dense.task_losses(outputs, batch))
+        elif self.dense is not None:
+            parts.append(torch.zeros(len(self.dense.tasks), device=_device_of(outputs)))
         for name, loss in self.own.items():
             if name not in outputs:
                 raise KeyError(f"MultiTaskLoss: model outputs lack task {name!r} (got {sorted(outputs)})")
-            parts.append(loss(outputs[name], batch).float().reshape(1))
+            if only is None or name in only:
+                parts.append(loss(outputs[name], batch).float().reshape(1))
+            else:
+                parts.append(torch.zeros(1, device=outputs[name].device))
         losses = parts[0] if len(parts) == 1 else torch.cat(parts)
         return losses if self._order is None else losses[self._order]
 
@@ -68,3 +92,7 @@ class _FunctionLoss(nn.Module):
 
     def forward(self, output: Tensor, batch) -> Tensor:
         return self.fn(output, batch)
+
+
+def _device_of(outputs: Mapping[str, Tensor]) -> torch.device:
+    return next(iter(outputs.values())).device

@@ -48,6 +48,7 @@ import timm
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models import VisionTransformer
+from timm.models._features import FeatureDictNet
 from timm.models.eva import Eva
 from torch import Tensor, nn
 
@@ -380,10 +381,49 @@ class TimmCNNBackbone(nn.Module):
         self.output_stride: int = max(self.strides)
         fmt = getattr(body, "output_fmt", "NCHW")
         self._nhwc = str(getattr(fmt, "value", fmt)).upper() == "NHWC"
+        # timm's FeatureListNet runs its modules in order and taps the stage outputs: the module names of
+        # each stage (ending at a tap), so that the body can also run one stage at a time
+        self._stages: Optional[list[list[str]]] = None
+        if isinstance(body, FeatureDictNet):
+            self._stages, current = [], []
+            for module_name in body.keys():
+                current.append(module_name)
+                if module_name in body.return_layers:
+                    self._stages.append(current)
+                    current = []
+        self.stage_channels: list[int] = channels
+        self.stage_channel_dim: int = -1 if self._nhwc else 1
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        feats = self.body(x)
-        feats = [feats[i] for i in self._keep]
+        return self.levels_from_stages(self.body(x))
+
+    # Stage by stage (cross-stitch networks mix task streams between stages)
+
+    @property
+    def num_stages(self) -> int:
+        """Stages :meth:`run_stage` runs (timm's feature levels, the stride-2 stem included); a
+        ``BackboneError`` for a timm model whose feature extractor is not a module sequence."""
+        if self._stages is None:
+            raise BackboneError("name", f"timm model {self.name!r} has a {type(self.body).__name__} feature "
+                                        "extractor, which runs as one piece; stage-by-stage running needs one "
+                                        "built as a module sequence (ResNet, ConvNeXt, RegNet, Swin, ...)")
+        return len(self._stages)
+
+    def stage_modules(self, i: int) -> list[nn.Module]:
+        """The modules stage ``i`` runs."""
+        return [self.body[module_name] for module_name in self._stages[i]]
+
+    def run_stage(self, i: int, x: Tensor) -> Tensor:
+        """Stage ``i`` on ``x`` (the image for stage 0, else stage ``i-1``'s output): timm's layout, NCHW
+        or NHWC (``stage_channel_dim``) with ``stage_channels[i]`` channels."""
+        for module in self.stage_modules(i):
+            x = module(x)
+        return x
+
+    def levels_from_stages(self, outputs: Sequence[Tensor], image_size: Optional[Sequence[int]] = None
+                           ) -> list[Tensor]:
+        """The levels :meth:`forward` returns, from every stage's output (``image_size`` unused)."""
+        feats = [outputs[i] for i in self._keep]
         if self._nhwc:
             feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
         return feats
@@ -485,14 +525,59 @@ class ViTBackbone(nn.Module):
             self.resampled = nn.ModuleList(_ResampledLevel(d, c, stride)
                                            for c, stride in zip(self.out_channels, self.strides))
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def _check_size(self, x: Tensor) -> None:
         h, w = x.shape[-2:]
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"ViT backbone {self.name!r} needs input height and width divisible by the patch size "
                              f"{p}, got {h}x{w}")
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        self._check_size(x)
         maps = self.vit.forward_intermediates(x, indices=self._take, norm=False, output_fmt="NCHW",
                                               intermediates_only=True)
+        return self._pyramid(maps, x.shape[-2:])
+
+    # Stage by stage: one transformer block a stage (stage 0 also embeds the patches)
+
+    @property
+    def num_stages(self) -> int:
+        if not isinstance(self.vit, VisionTransformer):
+            raise BackboneError("name", f"{self.name!r} is a {type(self.vit).__name__}: stage-by-stage running "
+                                        "takes a plain VisionTransformer's blocks (EVA's need its rotary "
+                                        "embedding passed along)")
+        return len(self.vit.blocks)
+
+    @property
+    def stage_channels(self) -> list[int]:
+        return [self.vit.embed_dim] * len(self.vit.blocks)
+
+    stage_channel_dim = -1
+
+    def stage_modules(self, i: int) -> list[nn.Module]:
+        """The modules stage ``i`` runs (its block; stage 0 also embeds the patches)."""
+        return [self.vit.blocks[i]]
+
+    def run_stage(self, i: int, x: Tensor) -> Tensor:
+        """Block ``i`` on the tokens ``[B, N, D]`` (prefix tokens first); stage 0 takes the image."""
+        vit = self.vit
+        if i == 0:
+            self._check_size(x)
+            x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        return vit.blocks[i](x)
+
+    def levels_from_stages(self, outputs: Sequence[Tensor], image_size: Sequence[int]) -> list[Tensor]:
+        """The levels :meth:`forward` returns, from every block's tokens."""
+        h, w = (int(v) for v in image_size)
+        gh, gw = self.vit.patch_embed.dynamic_feat_size((h, w))
+        n = self.vit.num_prefix_tokens
+        maps = [y[:, n:].reshape(y.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+                for y in (outputs[i] for i in self._take)]
+        return self._pyramid(maps, (h, w))
+
+    def _pyramid(self, maps: Sequence[Tensor], size) -> list[Tensor]:
+        """The four levels from the tapped blocks' ``[B, D, H/P, W/P]`` maps."""
+        h, w = size
         s = self._level_src
         if self.resampled is not None:
             return [level(maps[src], (h, w)) for level, src in zip(self.resampled, s)]

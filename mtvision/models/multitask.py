@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from .backbones import BackboneError
-from ..registry import BACKBONES, HEADS, NECKS
+from ..registry import ARCHS, BACKBONES, HEADS, NECKS, check_kwargs
+from .arch.base import ModelParts, last_stage_parameters
 
-__all__ = ["MultiTaskModel", "build_model", "NO_NECK"]
+__all__ = ["MultiTaskModel", "build_model", "model_parts", "NO_NECK"]
 
 # Heads are built as cls(in_channels=neck.out_channels, strides=neck.strides, **kwargs) (the backbone's
 # lists without a neck); necks as cls(in_channels=backbone.out_channels, strides=backbone.strides, **kwargs).
@@ -43,6 +44,14 @@ class MultiTaskModel(nn.Module):
         self.backbone = backbone
         self.neck = neck if neck is not None else nn.Identity()
         self.heads = nn.ModuleDict(dict(heads))
+
+    #: ``forward_features`` is a representation every task reads (``balancer.level: rep`` measures there).
+    rep_level = True
+
+    @property
+    def patch_size(self) -> int:
+        """Inputs must be multiples of it (a ViT backbone's patch; 1 for CNNs)."""
+        return int(getattr(self.backbone, "patch_size", 1) or 1)
 
     @property
     def has_neck(self) -> bool:
@@ -77,18 +86,7 @@ class MultiTaskModel(nn.Module):
         """The last shared layer's parameters (what GradNorm measures gradient norms on): the neck's, or
         without a neck the last stage of the backbone (the last child module of a CNN backbone's timm
         body that has parameters, e.g. ``layer4`` of a ResNet; a ViT's last transformer block)."""
-        params = list(self.neck.parameters())
-        if params:
-            return params
-        vit = getattr(self.backbone, "vit", None)
-        if vit is not None and len(getattr(vit, "blocks", ())):
-            return list(vit.blocks[-1].parameters())
-        module = getattr(self.backbone, "body", self.backbone)
-        for child in reversed(list(module.children())):
-            params = list(child.parameters())
-            if params:
-                return params
-        return list(self.backbone.parameters())
+        return list(self.neck.parameters()) or last_stage_parameters(self.backbone)
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Parameters only ``task`` depends on (its head)."""
@@ -120,16 +118,20 @@ def _neck_name(cfg: dict) -> str:
     return name
 
 
-def build_model(cfg: Any) -> MultiTaskModel:
-    """A :class:`MultiTaskModel` from the config's ``model`` section (a dict or ``ModelConfig``)::
+def build_model(cfg: Any) -> nn.Module:
+    """The multi-task model of the config's ``model`` section (a dict or ``ModelConfig``)::
 
-        backbone: {name: resnet18, pretrained: null | /path/weights.pth|.safetensors, out_indices: null,
+        arch:     {name: hps}                                 # absent: hps; or soft_sharing, cross_stitch,
+                                                              # mtan, padnet with their arguments
+        backbone: {name: resnet18, pretrained: null | true | /path/weights.pth|.safetensors, out_indices: null,
                    output_stride: null | 8 | 16, timm_kwargs: {}}
         neck:     {name: fpn, out_channels: 128}              # absent: fpn with defaults
                                                               # {name: none} or null: no neck
         heads:    {seg: {name: segmentation, num_classes: 6}, depth: {name: depth}, normal: {name: normals}}
 
-    The LibMTL / MTAN protocol model (dilated ResNet-50 and one DeepLab head per task)::
+    ``hps`` (hard parameter sharing) is a :class:`MultiTaskModel`; the other architectures
+    (:mod:`mtvision.models.arch`) build their copies of the backbone, neck and heads from the same
+    sections. The LibMTL / MTAN protocol model (dilated ResNet-50 and one DeepLab head per task)::
 
         backbone: {name: resnet50, output_stride: 8, out_indices: [1, 4]}    # strides 4 and 8
         neck:     {name: none}
@@ -142,27 +144,44 @@ def build_model(cfg: Any) -> MultiTaskModel:
     """
     cfg = _as_dict(cfg, "model")
     for k in cfg:
-        if k not in ("backbone", "neck", "heads"):
-            raise ConfigError(f"model.{k}: unknown key (expected: backbone, neck, heads)")
+        if k not in ("arch", "backbone", "neck", "heads"):
+            raise ConfigError(f"model.{k}: unknown key (expected: arch, backbone, neck, heads)")
+    parts = model_parts(cfg)
+    acfg = _as_dict(cfg.get("arch"), "model.arch")
+    name = acfg.pop("name", "hps")
+    builder = ARCHS.lookup(name, "model.arch.name")
+    check_kwargs(builder, acfg, "model.arch", f"architecture {name!r}", injected=("parts",))
+    try:
+        return builder(parts, **acfg)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        arg = str(e).split(" ", 1)[0].rstrip(":")
+        raise ConfigError(f"model.arch{'.' + arg if arg in acfg else ''}: {e}") from e
 
-    # backbone
+
+def model_parts(cfg: dict) -> ModelParts:
+    """Factories of the ``model`` section's backbone, neck and heads (:class:`ModelParts`); each
+    section is checked once here, so a wrong key fails before any architecture is built."""
     bcfg = _as_dict(cfg.get("backbone"), "model.backbone")
     if "name" not in bcfg:
         raise ConfigError("model.backbone.name: required (a timm model name, e.g. resnet18)")
     name = bcfg.pop("name")
-    try:
-        if name in BACKBONES and name != "timm":  # a registered backbone (a plugin's): its own arguments
-            backbone = BACKBONES.build(name, "model.backbone", bcfg)
-        else:  # a timm model name
-            for k in bcfg:
-                if k not in BACKBONE_KEYS:
-                    raise ConfigError(f"model.backbone.{k}: unexpected key (allowed: {', '.join(BACKBONE_KEYS)}; "
-                                      "other timm.create_model arguments go in timm_kwargs)")
-            backbone = BACKBONES["timm"](name, **bcfg)
-    except BackboneError as e:
-        raise ConfigError(f"model.backbone.{e.key}: {e}") from e
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"model.backbone.pretrained: {e}") from e
+    if not (name in BACKBONES and name != "timm"):  # a timm model name (a registered plugin: its own args)
+        for k in bcfg:
+            if k not in BACKBONE_KEYS:
+                raise ConfigError(f"model.backbone.{k}: unexpected key (allowed: {', '.join(BACKBONE_KEYS)}; "
+                                  "other timm.create_model arguments go in timm_kwargs)")
+
+    def backbone() -> nn.Module:
+        try:
+            if name in BACKBONES and name != "timm":
+                return BACKBONES.build(name, "model.backbone", bcfg)
+            return BACKBONES["timm"](name, **bcfg)
+        except BackboneError as e:
+            raise ConfigError(f"model.backbone.{e.key}: {e}") from e
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"model.backbone.pretrained: {e}") from e
 
     # neck ("none" / null: the heads take the backbone's levels)
     if "neck" not in cfg:
@@ -175,25 +194,42 @@ def build_model(cfg: Any) -> MultiTaskModel:
         extra = sorted(k for k in (ncfg or {}) if k != "name")
         if extra:
             raise ConfigError(f"model.neck.{extra[0]}: unexpected argument: neck {NO_NECK!r} takes none")
-        neck = None
-        level_channels, level_strides = backbone.out_channels, backbone.strides
+        ncfg = None
     else:
-        neck = NECKS.build(_neck_name(ncfg), "model.neck", ncfg,
-                           injected=dict(in_channels=backbone.out_channels, strides=backbone.strides))
-        level_channels, level_strides = neck.out_channels, neck.strides
+        neck_name = _neck_name(ncfg)
 
-    # heads
+    def neck(of: nn.Module) -> Optional[nn.Module]:
+        if ncfg is None:
+            return None
+        return NECKS.build(neck_name, "model.neck", ncfg,
+                           injected=dict(in_channels=of.out_channels, strides=of.strides))
+
     hcfg = _as_dict(cfg.get("heads"), "model.heads")
     if not hcfg:
         raise ConfigError("model.heads: at least one head is required")
-    heads = {}
+    specs = {}
     for task, spec in hcfg.items():
         key = f"model.heads.{task}"
-        if not isinstance(task, str) or not task or "." in task:
-            raise ConfigError(f"{key}: task names must be non-empty strings without '.'")
+        if not isinstance(task, str) or not task or "." in task or "/" in task:
+            raise ConfigError(f"{key}: task names must be non-empty strings without '.' or '/'")
         spec = _as_dict(spec, key)
         if "name" not in spec:
             raise ConfigError(f"{key}.name: required (choose from: {', '.join(HEADS)})")
-        heads[task] = HEADS.build(spec.pop("name"), key, spec,
-                                  injected=dict(in_channels=level_channels, strides=level_strides))
-    return MultiTaskModel(backbone, neck, heads)
+        specs[task] = spec
+
+    def head(task: str, in_channels, strides) -> nn.Module:
+        spec = dict(specs[task])
+        return HEADS.build(spec.pop("name"), f"model.heads.{task}", spec,
+                           injected=dict(in_channels=in_channels, strides=strides))
+
+    return ModelParts(backbone, neck, head, list(specs))
+
+
+@ARCHS.register("hps")
+def build_hps(parts: ModelParts) -> MultiTaskModel:
+    """``model.arch: {name: hps}``: one backbone and neck shared by every task's head."""
+    backbone = parts.backbone()
+    neck = parts.neck(backbone)
+    channels, strides = (backbone.out_channels, backbone.strides) if neck is None else (neck.out_channels,
+                                                                                       neck.strides)
+    return MultiTaskModel(backbone, neck, {t: parts.head(t, channels, strides) for t in parts.tasks})

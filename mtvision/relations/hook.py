@@ -9,6 +9,7 @@ from torch import Tensor
 from ..engine.hooks import HookBase
 from ..engine.logging import format_table
 from .plot import heatmap
+from ..tasks.outputs import task_output_tensors
 from .probe import ProbeResult, TaskGradientProbe
 
 __all__ = ["TaskRelationHook", "relations_table"]
@@ -79,7 +80,7 @@ class TaskRelationHook(HookBase):
         def task_losses():
             with t.autocast():
                 outputs = t.model(data["image"])
-            return t.loss_fn.task_losses(outputs, data).float(), [outputs[name] for name in t.tasks]
+            return t.loss_fn.task_losses(outputs, data).float(), task_output_tensors(outputs, t.tasks)
 
         lr = t.cfg.train.affinity_lr or float(t.optimizer.param_groups[0]["lr"])
         scale = float(t.scaler.get_scale()) if t.scaler.is_enabled() else 1.0  # fp16, as the step's backward

@@ -93,7 +93,7 @@ class TaskGradientProbe:
     def measure(self, task_losses: Callable[[], Tensor], lookahead_lr: float | None = None,
                 loss_scale: float = 1.0) -> ProbeResult | None:
         """``task_losses()``: a training forward of the batch, returning the ``[T]`` task losses (graph
-        alive), or ``(losses, outputs)`` with each task's prediction when task t's loss depends on
+        alive), or ``(losses, outputs)`` with each task's outputs (a list per task) when task t's loss depends on
         ``outputs[t]`` only (the per-task passes then start there); it runs once, then once more per
         task for the affinity (``lookahead_lr`` given: the SGD step size of the lookahead).
         ``loss_scale``: the losses are scaled by it for the backward passes (fp16 autocast: gradients that

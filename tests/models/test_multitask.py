@@ -145,7 +145,7 @@ def _with(path, value):
         (("backbone", "drop_path_rate"), 0.1, r"^model\.backbone\.drop_path_rate: unexpected key.*timm_kwargs"),
         (("backbone", "timm_kwargs"), {"bogus": 1}, r"^model\.backbone\.timm_kwargs: .*bogus"),
         (("backbone", "out_indices"), [9], r"^model\.backbone\.out_indices: "),
-        (("backbone", "pretrained"), 3, r"^model\.backbone\.pretrained: expected null or a file path"),
+        (("backbone", "pretrained"), 3, r"^model\.backbone\.pretrained: expected null, true .* or a file path"),
         (("extra",), 1, r"^model\.extra: unknown key"),
     ],
 )
