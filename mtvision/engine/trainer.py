@@ -234,7 +234,8 @@ class Trainer:
         stop, dropped = result.extra if flags is not None else (self.stop_signal is not None, local[1])
         skip = result.skip
         if penalty is not None and not skip:  # its gradient is the same on every process: added after DDP's
-            result.values["penalty"] = penalty(float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0)
+            scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+            result.values["penalty"] = penalty(scale)
         if not skip and clip is not None and not result.clipped:
             self.scaler.unscale_(self.optimizer)
             norm = clip_grad_norm(self.trainable_params, clip)

@@ -55,8 +55,8 @@ class MultiTaskLoss(nn.Module):
             return losses
         fused = [] if self.dense is None else self.dense.tasks
         if fused and 0 < sum(n in initial for n in fused) < len(fused):
-            raise ValueError(f"MultiTaskLoss: intermediate predictions for {sorted(initial)} cover some of the "
-                             f"fused dense tasks {fused}, not all")
+            raise ValueError(f"MultiTaskLoss: intermediate predictions for {sorted(initial)} cover some of "
+                             f"the fused dense tasks {fused}, not all")
         on_initial = self._losses({**outputs, **initial}, batch, only=set(initial))
         mask = torch.tensor([n in initial for n in self.tasks], device=losses.device)
         return losses + torch.where(mask, on_initial, torch.zeros_like(on_initial))

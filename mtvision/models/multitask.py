@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..config import ConfigError
 from .backbones import BackboneError
 from ..registry import ARCHS, BACKBONES, HEADS, NECKS, check_kwargs
-from .arch.base import ModelParts, last_stage_parameters
+from .parts import ModelParts, last_stage_parameters
 
 __all__ = ["MultiTaskModel", "build_model", "model_parts", "NO_NECK"]
 
@@ -156,6 +156,8 @@ def build_model(cfg: Any) -> nn.Module:
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
+        if isinstance(e, BackboneError):
+            raise ConfigError(f"model.backbone.{e.key}: {e} (model.arch.name is {name!r})") from e
         arg = str(e).split(" ", 1)[0].rstrip(":")
         raise ConfigError(f"model.arch{'.' + arg if arg in acfg else ''}: {e}") from e
 

@@ -8,5 +8,5 @@ from .mtan import MTANModel, TaskAttention
 from .padnet import PADNetModel, SpatialAttention
 from .soft_sharing import SoftSharingModel
 
-__all__ = ["CrossStitchModel", "CrossStitchUnit", "MTANModel", "ModelParts", "PADNetModel", "SoftSharingModel",
-           "SpatialAttention", "TaskAttention", "TaskNetworks", "is_dense_head"]
+__all__ = ["CrossStitchModel", "CrossStitchUnit", "MTANModel", "ModelParts", "PADNetModel",
+           "SoftSharingModel", "SpatialAttention", "TaskAttention", "TaskNetworks", "is_dense_head"]

@@ -37,12 +37,18 @@ class CrossStitchUnit(nn.Module):
         self.channel_dim = channel_dim
 
     def forward(self, streams: Sequence[Tensor]) -> list[Tensor]:
-        x = torch.stack(list(streams))  # [S, B, ...]
-        if self.channel_dim == -1:
-            mixed = torch.einsum("tsc,s...c->t...c", self.weight.to(x.dtype), x)
-        else:  # channels at dim 1 of each stream (NCHW): dim 2 of the stack
-            mixed = torch.einsum("tsc,sbc...->tbc...", self.weight.to(x.dtype), x)
-        return list(mixed.unbind(0))
+        x = streams[0]
+        # α[t, s] broadcast along the channel dimension; T^2 multiply-adds without a [T, S, ...] temporary
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = x.shape[self.channel_dim]
+        w = self.weight.to(x.dtype)
+        out = []
+        for t in range(w.shape[0]):
+            mixed = w[t, 0].view(shape) * streams[0]
+            for s in range(1, w.shape[1]):
+                mixed = mixed + w[t, s].view(shape) * streams[s]
+            out.append(mixed)
+        return out
 
     def extra_repr(self) -> str:
         T, _, C = self.weight.shape
@@ -67,13 +73,14 @@ class CrossStitchModel(TaskNetworks):
     def __init__(self, backbones: dict[str, nn.Module], necks: dict[str, Optional[nn.Module]],
                  heads: dict[str, nn.Module], self_weight: float = 0.9):
         super().__init__(backbones, necks, heads)
-        if not isinstance(self_weight, (int, float)) or isinstance(self_weight, bool) or not 0 <= self_weight <= 1:
+        if isinstance(self_weight, bool) or not isinstance(self_weight, (int, float)) \
+                or not 0 <= self_weight <= 1:
             raise ValueError(f"self_weight must be a number in [0, 1], got {self_weight!r}")
         first = next(iter(self.backbones.values()))
         n = first.num_stages  # BackboneError when the backbone cannot run stage by stage
         self.stitches = nn.ModuleList(
-            CrossStitchUnit(len(self.tasks), first.stage_channels[i], float(self_weight), first.stage_channel_dim)
-            for i in range(n))
+            CrossStitchUnit(len(self.tasks), c, float(self_weight), first.stage_channel_dim)
+            for c in first.stage_channels[:n])
 
     def task_levels(self, images: Tensor) -> list[list[Tensor]]:
         backbones = [self.backbones[t] for t in self.tasks]

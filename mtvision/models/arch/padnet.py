@@ -31,8 +31,8 @@ __all__ = ["PADNetModel", "SpatialAttention"]
 
 
 def _conv_bn_relu(in_channels: int, channels: int, kernel: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, channels, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True)]
+    return [nn.Conv2d(in_channels, channels, kernel, padding=kernel // 2, bias=False),
+            nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
 
 
 class SpatialAttention(nn.Module):
