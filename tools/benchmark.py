@@ -1,7 +1,7 @@
 """Speed of mtvision's custom ops against their eager PyTorch baselines, measured in the same run.
 
     python tools/benchmark.py [--device cpu|cuda|all] [--repeats 15] [--json FILE]
-                              [--only loss|aggregation|solve|step|monitor|switches|data|inference]
+                              [--only loss|aggregation|solve|step|monitor|switches|data|inference|arch]
 
 Each row: median wall time of forward+backward over `--repeats` runs after warm-up, the ratio
 eager/fused, and the peak extra memory of one forward+backward (CPU: peak RSS growth, measured in a
@@ -22,6 +22,8 @@ and Cityscapes input sizes, batch 1 and 8, in PyTorch eager, torch.compile'd (it
 `compile_s`) and exported to ONNX and run with onnxruntime (every execution provider of `--device` that
 the installed onnxruntime has: CPU; CUDA and TensorRT on a GPU): images per second and the latency
 percentiles of one batch.
+The arch rows build the demo model as each multi-task architecture (``model.arch``): its parameters, its
+forward FLOPs per image at the demo size, and one EW training step as a ratio to hard sharing.
 """
 
 from __future__ import annotations
@@ -614,6 +616,55 @@ def bench_monitor(device, repeats):
     return rows
 
 
+ARCHITECTURES = ["hps", "soft_sharing", "cross_stitch", "mtan", "padnet"]
+
+
+def forward_flops(model, images) -> int:
+    """Floating-point operations of one forward (torch's FlopCounterMode: 2 per multiply-add of the convs
+    and matmuls, which is what FLOP figures of vision models count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images)
+    return int(counter.get_total_flops())
+
+
+def bench_architectures(device, repeats):
+    """The demo model (``configs/synthetic/demo.yaml``: ResNet-18, 64-channel FPN and heads, 128x160) as
+    each ``model.arch``: parameters, forward GFLOPs per image, and one EW training step (batch 8) timed
+    in interleaved rounds against hard sharing (``hps``)."""
+    from mtvision.config import load_config
+    from mtvision.engine import Trainer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = [f"train.device={device}", "data.num_workers=0", "train.log_interval=1000", "data.batch_size=8"]
+    if device == "cuda":
+        base.append("train.amp=bf16")
+    trainers, batch, info = {}, None, {}
+    for arch in ARCHITECTURES:
+        cfg = load_config(os.path.join(root, "configs/synthetic/demo.yaml"), [*base, f"model.arch.name={arch}"])
+        trainer = Trainer(cfg, console=False, progress=False)
+        batch = batch if batch is not None else next(iter(trainer.train_loader))
+        model = trainer.model
+        size = list(cfg.data.size)
+        was_training = model.training
+        model.eval()
+        flops = forward_flops(model, torch.zeros(1, 3, *size, device=trainer.device))
+        model.train(was_training)
+        info[arch] = (sum(p.numel() for p in model.parameters()), flops, size)
+        trainers[arch] = trainer
+    rounds = max(3, repeats if device == "cuda" else repeats // 3)
+    times = paired_ratios({a: (lambda t=t: t.run_step(batch)) for a, t in trainers.items()}, device, rounds, 1)
+    rows = []
+    for arch in ARCHITECTURES:
+        params, flops, size = info[arch]
+        rows.append({"op": f"model.arch={arch}, EW step", "shape": f"demo: resnet18 B8 {size[0]}x{size[1]}",
+                     "device": device, "params_M": params / 1e6, "gflops_per_image": flops / 1e9,
+                     "step_ms": 1e3 * statistics.median(times[arch]),
+                     "ratio_to_hps": median_ratio(times[arch], times["hps"])})
+    return rows
+
+
 # (row name, config overrides): the precision and speed switches of train.*; fp16 needs CUDA
 SWITCHES = [("fp32 (none)", []), ("channels_last", ["train.channels_last=true"]),
             ("bf16 autocast", ["train.amp=bf16"]), ("bf16 + channels_last", ["train.amp=bf16", "train.channels_last=true"]),
@@ -805,7 +856,7 @@ def print_table(rows):
     cols = ["op", "shape", "device", "eager_ms", "fused_ms", "speedup", "host_ms", "step_ms", "ratio_to_ew",
             "ratio_to_floor", "limit", "within", "step_ops", "floor_ops", "sequential_ms", "batched_ms",
             "batched_over_sequential", "ratio_to_fp32", "ms_per_sample", "cpu_ms_per_sample", "samples_per_s",
-            "images_per_s", "p50_ms", "p90_ms", "p99_ms", "compile_s",
+            "images_per_s", "p50_ms", "p90_ms", "p99_ms", "compile_s", "params_M", "gflops_per_image", "ratio_to_hps",
             "eager_gpu_ms", "fused_gpu_ms",
             "floor_ms", "eager_peak_extra_MB", "fused_peak_extra_MB", "grad_buffer_MB", "rel_diff"]
     cols = [c for c in cols if any(c in r for r in rows)]
@@ -825,7 +876,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--only", choices=["loss", "aggregation", "solve", "step", "monitor", "switches",
-                                           "data", "inference"], help="run one group of rows")
+                                           "data", "inference", "arch"], help="run one group of rows")
     parser.add_argument("--methods", nargs="+", metavar="NAME:LEVEL",
                         help="step rows of these methods only (e.g. dbmtl:param graddrop:rep gls:loss)")
     parser.add_argument("--_memory-probe", nargs=5, help=argparse.SUPPRESS)
@@ -853,6 +904,8 @@ def main(argv=None):
             rows += bench_monitor(device, args.repeats)
         if args.only in (None, "switches"):
             rows += bench_switches(device, args.repeats)
+        if args.only in (None, "arch"):
+            rows += bench_architectures(device, args.repeats)
         if args.only in (None, "inference"):
             rows += bench_inference(device, args.repeats)
     if args.only in (None, "solve"):  # host work, whatever --device says
