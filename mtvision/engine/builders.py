@@ -263,23 +263,17 @@ def check_input_size(model: nn.Module, size) -> None:
 
 
 def compile_model(model: nn.Module, retains_graph: bool) -> None:
-    """``torch.compile`` the backbone, neck and heads in place (per submodule: the state_dict keys stay, and
-    ``forward_features`` / ``forward_heads`` run compiled too); another architecture than ``hps`` as a
-    whole. ``retains_graph``: the balancer walks the
+    """``torch.compile`` the model's parts in place (``model.compile_parts()``: backbone, neck and heads, and
+    an architecture's own modules; per submodule, so the state_dict keys stay and ``forward_features`` /
+    ``forward_heads`` run compiled too; a cross-stitch backbone per stage). ``retains_graph``: the balancer walks the
     graph more than once, so compiled backward functions must not donate (free and reuse) their saved
     buffers after the first pass."""
     if retains_graph:
         import torch._functorch.config as functorch_config
 
         functorch_config.donated_buffer = False
-    from ..models import MultiTaskModel
-
-    if not isinstance(model, MultiTaskModel):
-        model.compile()  # other architectures: as one graph (the state_dict keys stay too)
-        return
-    for part in (model.backbone, model.neck, *model.heads.values()):
-        if part is not None:
-            part.compile()
+    for part in model.compile_parts():
+        part.compile()
 
 
 def check_train_switches(train, device: torch.device, world_size: int) -> None:

@@ -311,9 +311,9 @@ def log_setup(self) -> None:
     log = self.logger.info
     log("work dir %s; device %s; amp %s; torch %s; %d threads", self.work_dir, self.device, self.amp,
         torch.__version__, torch.get_num_threads())
-    log("model: %s backbone (pretrained: %s), tasks %s, %.2fM parameters; train %d / val %d samples, "
-        "batch %d", self.cfg.model.backbone.get("name"), self.cfg.model.backbone.get("pretrained"),
-        self.tasks, n_params / 1e6, len(self.train_set), len(self.val_set), self.cfg.data.batch_size)
+    log("model: %s, %s backbone (pretrained: %s), tasks %s, %.2fM parameters; train %d / val %d samples, "
+        "batch %d", (self.cfg.model.arch or {}).get("name", "hps"), self.cfg.model.backbone.get("name"),
+        self.cfg.model.backbone.get("pretrained"), self.tasks, n_params / 1e6, len(self.train_set), len(self.val_set), self.cfg.data.batch_size)
     if self.env.distributed:
         log("distributed: %d processes (%s), %d samples per process and step", self.env.world_size,
             torch.distributed.get_backend(),

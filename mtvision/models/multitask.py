@@ -88,6 +88,10 @@ class MultiTaskModel(nn.Module):
         body that has parameters, e.g. ``layer4`` of a ResNet; a ViT's last transformer block)."""
         return list(self.neck.parameters()) or last_stage_parameters(self.backbone)
 
+    def compile_parts(self) -> list[nn.Module]:
+        """The modules ``train.compile`` compiles one by one (each is called as a whole)."""
+        return [self.backbone, *([self.neck] if self.has_neck else []), *self.heads.values()]
+
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Parameters only ``task`` depends on (its head)."""
         if task not in self.heads:

@@ -74,6 +74,10 @@ class TaskNetworks(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         return self.forward_heads(self.forward_features(images), images.shape[-2:])
 
+    def compile_parts(self) -> list[nn.Module]:
+        necks = [n for n in self.necks.values() if not isinstance(n, nn.Identity)]
+        return [*self.backbones.values(), *necks, *self.heads.values()]
+
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         if task not in self.heads:
             raise KeyError(f"unknown task {task!r} (model tasks: {', '.join(self.heads)})")

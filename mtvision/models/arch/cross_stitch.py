@@ -92,6 +92,13 @@ class CrossStitchModel(TaskNetworks):
                 kept.append(x)
         return [b.levels_from_stages(s, images.shape[-2:]) for b, s in zip(backbones, states)]
 
+    def compile_parts(self) -> list[nn.Module]:
+        """Every stage of every backbone (they run stage by stage), the units, necks and heads."""
+        stages = [m for b in self.backbones.values() for i in range(len(self.stitches))
+                  for m in b.stage_modules(i)]
+        necks = [n for n in self.necks.values() if not isinstance(n, nn.Identity)]
+        return [*stages, *self.stitches, *necks, *self.heads.values()]
+
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.backbones.parameters()
         yield from self.stitches.parameters()

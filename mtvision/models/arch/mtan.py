@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...registry import ARCHS
-from .base import ModelParts, last_stage_parameters
+from ..multitask import MultiTaskModel
+from ..parts import ModelParts
 
 __all__ = ["MTANModel", "TaskAttention"]
 
@@ -68,7 +69,7 @@ class TaskAttention(nn.Module):
         return out
 
 
-class MTANModel(nn.Module):
+class MTANModel(MultiTaskModel):
     """The shared backbone (and neck), per task a :class:`TaskAttention` over the shared levels, and per
     task a head on its attended levels. Shared parameters: backbone and neck; task parameters: the task's
     attention and head. The representation-level methods measure at the shared levels.
@@ -79,47 +80,20 @@ class MTANModel(nn.Module):
         attention: task -> :class:`TaskAttention`; heads: task -> head (same keys).
     """
 
-    rep_level = True
-
     def __init__(self, backbone: nn.Module, neck: Optional[nn.Module], attention: dict[str, nn.Module],
                  heads: dict[str, nn.Module]):
-        super().__init__()
-        self.backbone = backbone
-        self.neck = neck if neck is not None else nn.Identity()
+        super().__init__(backbone, neck, heads)
         self.attention = nn.ModuleDict(attention)
-        self.heads = nn.ModuleDict(heads)
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.heads.keys())
-
-    @property
-    def patch_size(self) -> int:
-        return int(getattr(self.backbone, "patch_size", 1) or 1)
-
-    def forward_features(self, images: Tensor) -> list[Tensor]:
-        if images.dim() != 4:
-            raise ValueError(f"images must be [B,3,H,W], got shape {tuple(images.shape)}")
-        return list(self.neck(self.backbone(images)))
 
     def forward_heads(self, features: Sequence[Tensor], image_size: Sequence[int]) -> dict[str, Tensor]:
         return {t: head(self.attention[t](features), image_size) for t, head in self.heads.items()}
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        return self.forward_heads(self.forward_features(images), images.shape[-2:])
-
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        yield from self.backbone.parameters()
-        yield from self.neck.parameters()
-
-    def last_shared_parameters(self) -> list[nn.Parameter]:
-        return list(self.neck.parameters()) or last_stage_parameters(self.backbone)
+    def compile_parts(self) -> list[nn.Module]:
+        return [*super().compile_parts(), *self.attention.values()]
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        if task not in self.heads:
-            raise KeyError(f"unknown task {task!r} (model tasks: {', '.join(self.heads)})")
+        yield from super().task_parameters(task)
         yield from self.attention[task].parameters()
-        yield from self.heads[task].parameters()
 
 
 @ARCHS.register("mtan")

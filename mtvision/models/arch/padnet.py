@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ...registry import ARCHS
 from ...tasks.outputs import initial_output_key
+from ..multitask import MultiTaskModel
 from .base import ModelParts, is_dense_head
 
 __all__ = ["PADNetModel", "SpatialAttention"]
@@ -47,7 +48,7 @@ class SpatialAttention(nn.Module):
         return torch.sigmoid(self.mask(x)) * self.features(x)
 
 
-class PADNetModel(nn.Module):
+class PADNetModel(MultiTaskModel):
     """Shared backbone and neck, per dense task a trunk, an initial head, the distillation into it and a
     final head; other tasks (detection) a head on the shared levels.
 
@@ -64,35 +65,20 @@ class PADNetModel(nn.Module):
         heads: every task -> final head (dense: on ``[F'_t]``; others: on the shared levels).
     """
 
-    rep_level = True
-
     def __init__(self, backbone: nn.Module, neck: Optional[nn.Module], trunks: dict[str, nn.Module],
                  initial_heads: dict[str, nn.Module], distillation: dict[str, dict[str, nn.Module]],
                  heads: dict[str, nn.Module]):
-        super().__init__()
-        self.backbone = backbone
-        self.neck = neck if neck is not None else nn.Identity()
+        super().__init__(backbone, neck, heads)
         self.trunks = nn.ModuleDict(trunks)
         self.initial_heads = nn.ModuleDict(initial_heads)
         self.distillation = nn.ModuleDict({t: nn.ModuleDict(d) for t, d in distillation.items()})
-        self.heads = nn.ModuleDict(heads)
         self.distilled = list(self.trunks.keys())
         # the shared levels go to the heads only when a task reads them (detection)
         self._levels_to_heads = any(t not in self.trunks for t in self.heads)
 
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.heads.keys())
-
-    @property
-    def patch_size(self) -> int:
-        return int(getattr(self.backbone, "patch_size", 1) or 1)
-
     def forward_features(self, images: Tensor) -> list[Tensor]:
         """``[*shared levels (when detection reads them), *F_t per dense task]``."""
-        if images.dim() != 4:
-            raise ValueError(f"images must be [B,3,H,W], got shape {tuple(images.shape)}")
-        levels = list(self.neck(self.backbone(images)))
+        levels = super().forward_features(images)
         size = levels[0].shape[-2:]
         fused = torch.cat([levels[0], *(F.interpolate(f, size=size, mode="bilinear", align_corners=False)
                                         for f in levels[1:])], 1)
@@ -119,11 +105,14 @@ class PADNetModel(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """Every task's final prediction; in training also each dense task's initial one
         (``"<task>/initial"``)."""
-        return self.forward_heads(self.forward_features(images), images.shape[-2:])
+        return super().forward(images)
+
+    def compile_parts(self) -> list[nn.Module]:
+        attention = [a for into in self.distillation.values() for a in into.values()]
+        return [*super().compile_parts(), *self.trunks.values(), *self.initial_heads.values(), *attention]
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
-        yield from self.backbone.parameters()
-        yield from self.neck.parameters()
+        yield from super().shared_parameters()
         yield from self.trunks.parameters()
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
@@ -131,12 +120,10 @@ class PADNetModel(nn.Module):
         return list(self.trunks.parameters())
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        if task not in self.heads:
-            raise KeyError(f"unknown task {task!r} (model tasks: {', '.join(self.heads)})")
+        yield from super().task_parameters(task)
         if task in self.trunks:
             yield from self.initial_heads[task].parameters()
             yield from self.distillation[task].parameters()
-        yield from self.heads[task].parameters()
 
 
 @ARCHS.register("padnet")
