@@ -93,11 +93,12 @@ class CrossStitchModel(TaskNetworks):
         return [b.levels_from_stages(s, images.shape[-2:]) for b, s in zip(backbones, states)]
 
     def compile_parts(self) -> list[nn.Module]:
-        """Every stage of every backbone (they run stage by stage), the units, necks and heads."""
-        stages = [m for b in self.backbones.values() for i in range(len(self.stitches))
-                  for m in b.stage_modules(i)]
+        """The necks and heads. The backbones run stage by stage, and their stages (and the units)
+        share one code object per class over many shapes: compiled one by one they recompile until torch
+        turns the shapes dynamic, whose backward Inductor failed to build (torch 2.14, CPU); they run
+        eagerly."""
         necks = [n for n in self.necks.values() if not isinstance(n, nn.Identity)]
-        return [*stages, *self.stitches, *necks, *self.heads.values()]
+        return [*necks, *self.heads.values()]
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.backbones.parameters()
