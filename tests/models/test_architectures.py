@@ -28,7 +28,7 @@ def tiny(arch: str | dict, det: bool = False, seed: int = 0, **model) -> nn.Modu
     torch.manual_seed(seed)
     heads = dict(TINY["model"]["heads"], **({"det": DET} if det else {}))
     arch = arch if isinstance(arch, dict) else {"name": arch}
-    cfg = {**TINY["model"], "heads": heads, "arch": arch, **model}
+    cfg = {**TINY["model"], "heads": heads, "arch": arch, **model}  # model: sections replaced
     return build_model(cfg)
 
 
@@ -344,11 +344,13 @@ def test_onnx_export_matches_pytorch(tmp_path, arch):
     pytest.importorskip("onnxruntime")
     from mtvision.export import check_onnx, export_onnx
 
-    model = tiny(arch).eval()
+    # two tasks keep the graph (and the export's time) smaller, on the same path; PAD-Net distils among three
+    tasks = TASKS if arch == "padnet" else ["seg", "normal"]
+    model = tiny(arch, heads={t: TINY["model"]["heads"][t] for t in tasks}).eval()
     path = export_onnx(model, tmp_path / f"{arch}.onnx", (32, 48), dynamic_size=True)
     for shape in [(2, 3, 32, 48), (1, 3, 48, 40)]:
         diffs = check_onnx(path, model, torch.randn(*shape, generator=torch.Generator().manual_seed(3)))
-        assert sorted(diffs) == sorted(TASKS) and max(diffs.values()) < 1e-4, diffs
+        assert sorted(diffs) == sorted(tasks) and max(diffs.values()) < 1e-4, diffs
 
 
 def test_checkpoint_of_an_architecture_loads_into_the_predictor(tmp_path):
