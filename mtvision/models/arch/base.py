@@ -1,4 +1,4 @@
-"""What every multi-task architecture gives the trainer, and the part factories the builders use.
+"""What every multi-task architecture gives the trainer, and the base of those with a network per task.
 
 An architecture is an ``nn.Module`` with (:class:`~mtvision.models.MultiTaskModel`, ``hps``, is one):
 
@@ -6,13 +6,15 @@ An architecture is an ``nn.Module`` with (:class:`~mtvision.models.MultiTaskMode
   deep-supervised intermediate predictions, :mod:`mtvision.tasks.outputs`);
 - ``forward_features(images) -> list[Tensor]`` and ``forward_heads(features, image_size) -> dict``, whose
   composition is ``forward``: the split the representation-level gradient methods (``balancer.level:
-  rep``) measure at. ``forward_features`` uses shared parameters only, and everything after it is
-  task-specific; an architecture without a representation every task reads has ``rep_level = False``;
+  rep``) measure at. With ``rep_level = True`` ``forward_features`` uses shared parameters only and
+  everything after it is task-specific; an architecture without a representation every task reads has
+  ``rep_level = False`` (the rep level is refused);
 - ``shared_parameters()`` (the parameters more than one task's loss depends on: what the gradient
   methods combine the per-task gradients of) and ``task_parameters(task)`` (those only ``task``'s loss
   depends on); together they are every parameter, each once; ``last_shared_parameters()`` (GradNorm);
 - ``heads`` (a ``ModuleDict`` of each task's final head: detection decoding reads it), ``tasks``,
-  ``patch_size`` (inputs must be multiples of it), and optionally ``add_penalty_grad(scale) -> float``:
+  ``patch_size`` (inputs must be multiples of it), ``compile_parts()`` (the modules ``train.compile``
+  compiles one by one), and optionally ``add_penalty_grad(scale) -> float``:
   a regulariser outside the task losses (soft sharing's), whose gradient the trainer adds after the
   balanced backward.
 """
