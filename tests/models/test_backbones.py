@@ -1,7 +1,6 @@
 """Backbones: levels, strides, ViT input sizes, pretrained weights from local files (never the network)."""
 
 import math
-import socket
 
 import pytest
 import timm
@@ -120,14 +119,9 @@ def test_unknown_name_suggests_close_matches():
 
 
 @pytest.fixture
-def no_network(monkeypatch):
+def no_network(monkeypatch, refuse_sockets):
     """Fail loudly if anything tries to open a connection or use timm's download helpers."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    refuse = refuse_sockets
     import timm.models._builder as builder
 
     for fn in ("load_state_dict_from_url", "load_state_dict_from_hf", "download_cached_file", "load_custom_from_hf"):

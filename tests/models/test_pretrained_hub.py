@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -91,14 +90,8 @@ def _run(tmp_path: Path, code: str) -> dict:
 
 
 @pytest.fixture
-def no_network(monkeypatch):
+def no_network(monkeypatch, refuse_sockets):
     """Sockets refused in this process, and huggingface_hub (if imported) in offline mode."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
