@@ -4,6 +4,7 @@ scripts under ``torchrun`` (``python -m torch.distributed.run``, gloo, c10d rend
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -44,6 +45,23 @@ def torchrun(nproc: int, script: str | Path, *args, extra=(), timeout: float = 3
     out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out
+
+
+def run_tool(script: str, *args) -> int:
+    """``tools/<script>`` (e.g. ``train.py``) run in this process: ``main(args)``, with one torch thread
+    as the processes above have (``ENV``); returns its exit status. For the one-process reference runs
+    next to :func:`torchrun`: the same code as ``python tools/<script>`` without starting an interpreter
+    and importing torch again (3-5 s each on 2 cores)."""
+    path = ROOT / "tools" / script
+    spec = importlib.util.spec_from_file_location(f"mtv_tool_{path.stem}_in_process", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return module.main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

@@ -1,26 +1,22 @@
-"""tools/train.py and tools/eval.py under torchrun (2 processes, gloo, CPU) against one process, and a
-torchrun restart after a killed worker resuming exactly."""
+"""tools/train.py and tools/eval.py under torchrun (2 processes, gloo, CPU) against one process (run in
+the test's process: ``run_tool``), and a torchrun restart after a killed worker resuming exactly."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from ..multiprocess import run_tool
 from ..multiprocess import torchrun as _torchrun
 from .helpers import TINY, wait_for_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def _config(tmp_path: Path, name: str, det: bool = False, **train) -> Path:
@@ -40,11 +36,9 @@ def _config(tmp_path: Path, name: str, det: bool = False, **train) -> Path:
     return path
 
 
-def _python(script: str, *args, timeout=300):
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / script), *args], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return out
+def _one_process(script: str, *args) -> None:
+    """The one-process reference: ``tools/<script>`` in this process (``run_tool``)."""
+    assert run_tool(script, *args) == 0
 
 
 def _weights(path: Path) -> dict:
@@ -53,15 +47,15 @@ def _weights(path: Path) -> dict:
 
 # sdmgrad: three batches a step, each split over the processes; stch: a loss weighting with state that
 # passes its warm-up, nadir and Tchebycheff phases in the three steps
-@pytest.mark.parametrize("method,det", [("ew", False), ("pcgrad", False), ("pcgrad", True), ("sdmgrad", False),
-                                        ("stch", False)])
+@pytest.mark.parametrize("method,det", [("ew", False), ("pcgrad", False), ("pcgrad", True),
+                                        ("sdmgrad", False), ("stch", False)])
 def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, method, det):
     one = _config(tmp_path, "one", det)
     two = _config(tmp_path, "two", det)
     over = [f"balancer.name={method}"]
     if method == "stch":
         over += ["balancer.kwargs.warmup_iters=1", "balancer.kwargs.nadir_iters=1"]
-    _python("train.py", str(one), "--no-progress", *over)
+    _one_process("train.py", str(one), "--no-progress", *over)
     out = _torchrun(2, "train.py", str(two), "--no-progress", *over)
     assert out.stdout.count("work dir:") == 1  # rank 0 alone reports and writes
     a = _weights(tmp_path / "one" / "checkpoints" / "last.pth")
@@ -79,9 +73,9 @@ def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, metho
 
 def test_evaluation_identical_with_one_and_two_processes(tmp_path):
     cfg = _config(tmp_path, "ev", det=True, max_iters=2, eval_interval=2, checkpoint_interval=2)
-    _python("train.py", str(cfg), "--no-progress")
+    _one_process("train.py", str(cfg), "--no-progress")
     ckpt = tmp_path / "ev" / "checkpoints" / "last.pth"
-    _python("eval.py", str(cfg), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m1.json"))
+    _one_process("eval.py", str(cfg), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m1.json"))
     out = _torchrun(2, "eval.py", str(cfg), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m2.json"))
     assert out.stdout.count("wrote") == 1
     m1 = json.loads((tmp_path / "m1.json").read_text())["metrics"]
@@ -112,7 +106,8 @@ def test_killed_worker_is_restarted_by_torchrun_and_resumes_exactly(tmp_path):
     _torchrun(2, "train.py", str(straight), "--no-progress")
 
     cfg = _config(tmp_path, "killed", **train)
-    proc = _torchrun(2, "train.py", str(cfg), "--no-progress", "--resume", extra=["--max-restarts=1"], wait=False)
+    proc = _torchrun(2, "train.py", str(cfg), "--no-progress", "--resume", extra=["--max-restarts=1"],
+                     wait=False)
     ckpt = tmp_path / "killed" / "checkpoints" / "last.pth"
     wait_for_file(ckpt, proc)
     workers = _children(proc.pid)
@@ -154,7 +149,7 @@ def test_official_coco_export_identical_with_one_and_two_processes(tmp_path):
     overrides = ["data.dataset=coco", f"data.root={root}", "data.num_classes=3", "data.tasks=[det]",
                  "data.batch_size=2", "data.size=[64,64]",
                  "model.heads={det: {name: fcos, num_classes: 3, channels: 16, num_convs: 1}}"]
-    _python("train.py", str(cfg), "--no-progress", *overrides)
+    _one_process("train.py", str(cfg), "--no-progress", *overrides)
     ckpt = tmp_path / "co" / "checkpoints" / "last.pth"
     runs = {}
     for n in (1, 2):
@@ -162,7 +157,7 @@ def test_official_coco_export_identical_with_one_and_two_processes(tmp_path):
         # convolutions then compute every image alike and the scores are equal to the last bit
         args = [str(cfg), "--checkpoint", str(ckpt), "--coco-export", str(tmp_path / f"r{n}.json"),
                 "--out", str(tmp_path / f"m{n}.json"), *overrides, f"data.batch_size={n}"]
-        _python("eval.py", *args) if n == 1 else _torchrun(2, "eval.py", *args)
+        _one_process("eval.py", *args) if n == 1 else _torchrun(2, "eval.py", *args)
         runs[n] = (json.loads((tmp_path / f"r{n}.json").read_text()),
                    json.loads((tmp_path / f"m{n}.json").read_text())["coco_official"])
     key = lambda r: (r["image_id"], r["category_id"], r["score"], r["bbox"])  # noqa: E731

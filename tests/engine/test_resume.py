@@ -16,6 +16,7 @@ from mtvision.engine import Trainer, load_checkpoint
 from mtvision.engine.checkpoint import CheckpointError
 from mtvision.engine.trainer import TrainingError
 
+from ..multiprocess import run_tool
 from .helpers import tiny_config, wait_for_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -204,27 +205,25 @@ def test_signal_saves_and_exits_zero_then_resume_finishes(tmp_path, signum):
     assert 2 <= stopped_at < 400
     assert f"stopped by {name} at iteration {stopped_at}" in (tmp_path / "work" / "train.log").read_text()
 
-    done = subprocess.run(_train_cmd(cfg, "train.max_iters=" + str(stopped_at + 2), "train.checkpoint_interval=2",
-                                     "train.eval_interval=1000", "--resume"),
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # resumed in this process (the same tools/train.py main, without another interpreter start-up)
+    done = run_tool("train.py", cfg, "--no-progress", "train.max_iters=" + str(stopped_at + 2),
+                    "train.checkpoint_interval=2", "train.eval_interval=1000", "--resume")
     # a shorter max_iters changes the LR schedule, so the config is not the one saved: still resumable
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done == 0
     assert load_checkpoint(ckpt)["iteration"] == stopped_at + 2
     assert f"resumed from {ckpt}" in (tmp_path / "work" / "train.log").read_text()
 
 
 @pytest.mark.slow
-def test_resume_flag_without_checkpoint_starts_fresh(tmp_path):
+def test_resume_flag_without_checkpoint_starts_fresh(tmp_path, capsys):
     from .helpers import write_tiny_config
 
     cfg = write_tiny_config(tmp_path)
-    out = subprocess.run(_train_cmd(cfg, "train.max_iters=2", "--resume"), cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert run_tool("train.py", cfg, "--no-progress", "train.max_iters=2", "--resume") == 0
     assert "resumed" not in (tmp_path / "work" / "train.log").read_text()
-    bad = subprocess.run(_train_cmd(cfg, "--resume", str(tmp_path / "missing.pth")), cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "missing.pth" in bad.stderr
+    capsys.readouterr()
+    assert run_tool("train.py", cfg, "--no-progress", "--resume", tmp_path / "missing.pth") == 2
+    assert "missing.pth" in capsys.readouterr().err
 
 
 def test_resume_is_bit_exact_with_augmentation_and_workers(tmp_path):
@@ -259,4 +258,5 @@ def test_resume_with_more_iterations_follows_the_new_schedule(tmp_path):
     assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * lr0, rel=1e-9)
     longer.train()
     # cosine to 0 over 8 iterations: after iteration 7 (the last update) the LR is lr0 * (1 + cos(pi))/2 = 0
-    assert longer.iteration == 8 and longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12 * lr0)
+    assert longer.iteration == 8
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12 * lr0)

@@ -65,11 +65,20 @@ def test_metadata_says_what_the_file_takes_and_gives(dynamic_file):
     assert "mean) / std" in meta["input"]
 
 
-@pytest.mark.slow
-def test_export_leaves_the_model_as_it_was(tmp_path):
+@pytest.fixture(scope="module")
+def static_file(tmp_path_factory):
+    """The tiny model, in training mode, exported with a fixed batch of 1 at 64x64; with its state from
+    before the export."""
     model = tiny_model().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    export_onnx(model, tmp_path / "m.onnx", (32, 32))
+    path = export_onnx(model, tmp_path_factory.mktemp("onnx_static") / "static.onnx", (64, 64),
+                       dynamic_batch=False)
+    return model, before, path
+
+
+@pytest.mark.slow
+def test_export_leaves_the_model_as_it_was(static_file):
+    model, before, _ = static_file
     assert model.training and all(m.training for m in model.modules())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats too
@@ -91,11 +100,10 @@ def test_raw_input_file_normalises_in_the_graph(tmp_path):
 
 
 @pytest.mark.slow
-def test_static_batch_file_has_a_fixed_batch(tmp_path):
+def test_static_batch_file_has_a_fixed_batch(static_file):
     import onnxruntime
 
-    model = tiny_model()
-    path = export_onnx(model, tmp_path / "static.onnx", (64, 64), dynamic_batch=False)
+    model, _, path = static_file  # in training mode: check_onnx runs it in eval mode, as exported
     check_onnx(path, model, torch.randn(1, 3, 64, 64))
     with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument):
         onnx_outputs(path, torch.randn(2, 3, 64, 64))

@@ -1,13 +1,9 @@
-"""tools/task_affinity.py and tools/task_groups.py on the tiny experiment; the affinity under torchrun
-equals one process on the same global batches."""
+"""tools/task_affinity.py and tools/task_groups.py on the tiny experiment (run in the test's process:
+``run_tool``); the affinity under torchrun equals one process on the same global batches."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,27 +11,19 @@ import torch
 from mtvision.relations import groupings_for_budgets
 
 from ..engine.helpers import write_tiny_config
-from ..multiprocess import torchrun
+from ..multiprocess import ROOT, run_tool, torchrun
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 # GroupNorm: no batch statistics, so two processes of half batches compute what one process does
 GROUPNORM = ["model.backbone.timm_kwargs={norm_layer: groupnorm1}"]
 
 
-def _run(*args):
-    out = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-def test_task_affinity_writes_the_matrices_groupings_and_pictures(tmp_path):
+def test_task_affinity_writes_the_matrices_groupings_and_pictures(tmp_path, capsys):
     cfg = write_tiny_config(tmp_path)
-    out = _run(ROOT / "tools" / "task_affinity.py", cfg, "--out", tmp_path / "aff", "--iters", 4,
-               "--every", 2, "--no-progress")
+    assert run_tool("task_affinity.py", cfg, "--out", tmp_path / "aff", "--iters", 4, "--every", 2,
+                    "--no-progress") == 0
+    out = capsys.readouterr().out
     result = json.loads((tmp_path / "aff" / "affinity.json").read_text())
     assert result["tasks"] == ["seg", "depth", "normal"]
     assert result["affinity_measurements"] == 2 and result["gradient_measurements"] == 2
@@ -45,17 +33,16 @@ def test_task_affinity_writes_the_matrices_groupings_and_pictures(tmp_path):
     assert result["groupings"]["1"]["groups"] == [["seg", "depth", "normal"]]
     for name in ("affinity.png", "cosine.png"):
         assert (tmp_path / "aff" / name).stat().st_size > 1000
-    assert "lookahead affinity" in out.stdout and "k=2:" in out.stdout
+    assert "lookahead affinity" in out and "k=2:" in out
     # a second call into the same folder would replace those results: refused, nothing touched
     before = (tmp_path / "aff" / "affinity.json").read_bytes()
-    again = subprocess.run([sys.executable, str(ROOT / "tools" / "task_affinity.py"), str(cfg), "--out",
-                            str(tmp_path / "aff"), "--iters", "4", "--every", "2"], cwd=ROOT, env=ENV,
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr[-2000:]
+    assert run_tool("task_affinity.py", cfg, "--out", tmp_path / "aff", "--iters", 4, "--every", 2) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err, err[-2000:]
     assert (tmp_path / "aff" / "affinity.json").read_bytes() == before
 
 
-def test_task_groups_trains_every_group_and_ranks_the_groupings(tmp_path):
+def test_task_groups_trains_every_group_and_ranks_the_groupings(tmp_path, capsys, monkeypatch):
     cfg = write_tiny_config(tmp_path)
     over = ["data.tasks=[seg,depth]", "model.heads={seg: {name: segmentation, num_classes: 6, channels: 16}, "
             "depth: {name: depth, channels: 16}}", "train.max_iters=1", "train.eval_interval=1"]
@@ -66,8 +53,12 @@ def test_task_groups_trains_every_group_and_ranks_the_groupings(tmp_path):
     (tmp_path / "aff" / "affinity.json").write_text(json.dumps({
         "tasks": ["seg", "depth"], "affinity": A.tolist(),
         "groupings": {str(g.k): g.as_dict() for g in groupings_for_budgets(A, ["seg", "depth"])}}))
-    out = _run(ROOT / "tools" / "task_groups.py", cfg, *over, "--out", tmp_path / "groups", "--k", 2,
-               "--affinity", tmp_path / "aff" / "affinity.json")
+    # the tool trains each group with tools/train.py in a subprocess, which inherits this environment
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert run_tool("task_groups.py", cfg, *over, "--out", tmp_path / "groups", "--k", 2,
+                    "--affinity", tmp_path / "aff" / "affinity.json") == 0
+    out = capsys.readouterr().out
     for run in ("seg", "depth", "seg+depth"):
         assert (tmp_path / "groups" / "seed0" / run / "metrics.json").is_file(), run
     result = json.loads((tmp_path / "groups" / "groupings.json").read_text())
@@ -77,18 +68,19 @@ def test_task_groups_trains_every_group_and_ranks_the_groupings(tmp_path):
     (singles,) = [r for r in result["groupings"] if r["groups"] == [["seg"], ["depth"]]]
     assert singles["delta_m"] == pytest.approx(0.0, abs=1e-12)
     (predicted,) = [r for r in result["groupings"] if r["predicted"]]  # TAG's pick
-    assert predicted["groups"] == [["seg", "depth"], ["depth"]] and predicted["tag_score"] == pytest.approx(0.015)
+    assert predicted["groups"] == [["seg", "depth"], ["depth"]]
+    assert predicted["tag_score"] == pytest.approx(0.015)
     assert result["groupings"] == sorted(result["groupings"], key=lambda r: r["delta_m"])
     assert all("tag_score" in r for r in result["groupings"])
-    assert -1.0 <= result["spearman_tag_score_vs_delta_m"] <= 1.0 and "Spearman" in out.stdout
-    assert "← predicted" in out.stdout
+    assert -1.0 <= result["spearman_tag_score_vs_delta_m"] <= 1.0 and "Spearman" in out
+    assert "← predicted" in out
 
 
 @pytest.mark.distributed
 def test_affinity_under_torchrun_equals_one_process(tmp_path):
     cfg = write_tiny_config(tmp_path)
     args = ["--iters", "3", "--every", "1", "--no-progress", *GROUPNORM, "optimizer.name=sgd"]
-    _run(ROOT / "tools" / "task_affinity.py", cfg, "--out", tmp_path / "one", *args)
+    assert run_tool("task_affinity.py", cfg, "--out", tmp_path / "one", *args) == 0
     torchrun(2, "task_affinity.py", str(cfg), "--out", str(tmp_path / "two"), *args)
     one = json.loads((tmp_path / "one" / "affinity.json").read_text())
     two = json.loads((tmp_path / "two" / "affinity.json").read_text())
