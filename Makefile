@@ -2,7 +2,8 @@
 #   make install   .venv with pinned torch/torchvision, the package (editable, with the test and
 #                  ONNX export extras) and its C++/CUDA ops
 #   make demo      install, then train on the built-in synthetic scenes, evaluate, write pictures
-#   make test      install, then pytest and the C++ tests (ctest)
+#   make test      install, then pytest and the C++ tests (ctest); pytest in PYTEST_WORKERS processes
+#                  (pytest-xdist, default 2 for the CI's 2 cores, one torch thread each: tests/conftest.py)
 #   make test-fast install, then the tests marked neither slow (subprocesses, real training runs) nor
 #                  distributed (several processes): about a minute on 2 cores; no ctest
 #   make bench     tools/benchmark.py (ops and training steps against their baselines)
@@ -20,6 +21,9 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 # torch's CMake config probes for a GPU unless given architectures, also when `cmake --build`
 # re-runs the configure step after a source file is added.
 CMAKE_ENV := TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}"
+# --dist loadfile: each test file in one process, so a module's fixtures (ONNX exports, training runs)
+# are built once
+PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast pytest ctest bench clean
 
@@ -41,7 +45,7 @@ demo: $(STAMP)
 test: pytest ctest
 
 pytest: $(STAMP)
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not distributed"
