@@ -228,7 +228,8 @@ def model_parts(cfg: dict) -> ModelParts:
         return HEADS.build(spec.pop("name"), f"model.heads.{task}", spec,
                            injected=dict(in_channels=in_channels, strides=strides))
 
-    return ModelParts(backbone, neck, head, list(specs))
+    classes = {t: HEADS.lookup(spec["name"], f"model.heads.{t}.name") for t, spec in specs.items()}
+    return ModelParts(backbone, neck, head, list(specs), classes)
 
 
 @ARCHS.register("hps")

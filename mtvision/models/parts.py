@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 
@@ -18,13 +18,14 @@ class ModelParts:
 
     ``backbone()``; ``neck(backbone)`` (``None`` when the config has no neck); ``head(task, in_channels,
     strides)``: the task's configured head for levels of those channels and strides; ``tasks``: the
-    configured tasks, in order.
+    configured tasks, in order; ``head_classes``: task -> the class (or builder) its head is built by.
     """
 
     backbone: Callable[[], nn.Module]
     neck: Callable[[nn.Module], Optional[nn.Module]]
     head: Callable[[str, Union[int, Sequence[int]], Sequence[int]], nn.Module]
     tasks: list[str]
+    head_classes: dict[str, Any]
 
     def levels_of(self, backbone: nn.Module, neck: Optional[nn.Module]) -> tuple[list[int], list[int]]:
         """``(channels, strides)`` of the levels the heads take: the neck's, else the backbone's."""

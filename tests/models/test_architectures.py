@@ -227,6 +227,7 @@ def test_padnet_distils_between_dense_tasks_and_supervises_the_initial_predictio
     model = tiny("padnet", det=True)
     assert isinstance(model, PADNetModel)
     assert model.distilled == TASKS and set(model.distillation["seg"]) == {"depth", "normal"}
+    assert model.tasks == [*TASKS, "det"]  # the config's order (detection's head is built first)
     b = batch()
     out = model(b["image"])
     assert "det/initial" not in out and "det" in out  # detection reads the shared levels, no distillation

@@ -22,7 +22,7 @@ An architecture is an ``nn.Module`` with (:class:`~mtvision.models.MultiTaskMode
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 from torch import Tensor, nn
 
@@ -31,8 +31,9 @@ from ..parts import ModelParts, last_stage_parameters
 __all__ = ["ModelParts", "TaskNetworks", "is_dense_head", "last_stage_parameters"]
 
 
-def is_dense_head(head: nn.Module) -> bool:
-    """Whether a head predicts a map at the image size (a detection head decodes boxes: ``predict``)."""
+def is_dense_head(head: Any) -> bool:
+    """Whether a head (module or class) predicts a map at the image size (a detection head decodes boxes:
+    ``predict``)."""
     return not callable(getattr(head, "predict", None))
 
 

@@ -134,8 +134,8 @@ def build_padnet(parts: ModelParts, channels: int = 64) -> PADNetModel:
     backbone = parts.backbone()
     neck = parts.neck(backbone)
     level_channels, strides = parts.levels_of(backbone, neck)
-    heads = {t: parts.head(t, level_channels, strides) for t in parts.tasks}
-    dense = [t for t in parts.tasks if is_dense_head(heads[t])]
+    dense = [t for t in parts.tasks if is_dense_head(parts.head_classes[t])]
+    heads = {t: parts.head(t, level_channels, strides) for t in parts.tasks if t not in dense}
     trunks, initial_heads, distillation = {}, {}, {}
     for t in dense:
         trunks[t] = nn.Sequential(*_conv_bn_relu(sum(level_channels), channels, 1),
@@ -143,4 +143,5 @@ def build_padnet(parts: ModelParts, channels: int = 64) -> PADNetModel:
         initial_heads[t] = parts.head(t, [channels], strides[:1])
         heads[t] = parts.head(t, [channels], strides[:1])
         distillation[t] = {s: SpatialAttention(channels) for s in dense if s != t}
+    heads = {t: heads[t] for t in parts.tasks}  # in the config's task order
     return PADNetModel(backbone, neck, trunks, initial_heads, distillation, heads)

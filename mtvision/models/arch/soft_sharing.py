@@ -63,7 +63,7 @@ class SoftSharingModel(TaskNetworks):
             out += params if params else last_stage_parameters(self.backbones[t])
         return out
 
-    def _pairs_of_copies(self) -> list[list[nn.Parameter]]:
+    def _copy_groups(self) -> list[list[nn.Parameter]]:
         """Per backbone/neck parameter, its T task copies (trainable ones)."""
         groups = list(zip(*(self._copy_parameters(t) for t in self.tasks)))
         return [list(g) for g in groups if all(p.requires_grad for p in g)]
@@ -73,7 +73,7 @@ class SoftSharingModel(TaskNetworks):
         (the same sum; no cancellation when the copies are close)."""
         T = len(self.tasks)
         total = None
-        for group in self._pairs_of_copies():
+        for group in self._copy_groups():
             stacked = torch.stack(group)
             term = (stacked - stacked.mean(0)).square().sum()
             total = term if total is None else total + term
@@ -85,7 +85,7 @@ class SoftSharingModel(TaskNetworks):
     def add_penalty_grad(self, scale: float = 1.0) -> float:
         """Adds ``scale *`` the penalty's gradient, ``2 weight T (θ_i − θ̄)``, to every copy's ``.grad``
         (``scale``: the fp16 loss scale the other gradients carry); returns the penalty's value."""
-        groups = self._pairs_of_copies()
+        groups = self._copy_groups()
         if not groups or self.weight == 0 or len(self.tasks) < 2:
             return 0.0
         T = len(self.tasks)
